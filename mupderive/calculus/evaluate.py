@@ -1,0 +1,372 @@
+"""Walk a rule body for one layer and compute the scale of everything in it.
+
+The layer's inputs come from the spectral condition (THEORY section 3): the gradient is low-rank with
+``|G|_* = n^{(i-o)/2 + m}``; the weight is its init (dense, entry RMS ``n^init``) plus accumulated updates at the
+spectral scale; the Hutchinson estimate is dense noise of size ``|G|_F`` times ``G``'s entries.
+
+Every sum or comparison whose terms depend on different scale-carrying hyperparameters is a *balance point*: with
+``balance=True`` the evaluator solves for the unknown hyperparameter exponent that keeps the terms of the same
+order (regime preservation); otherwise (hyperparameters pinned, as in an ``if_fixed`` scenario) the larger term
+simply wins. Either way each comparison is recorded, for the explanation and the oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from mupderive.calculus.demand import sum_metrics
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
+from mupderive.calculus.value import Frame, Part, Value, scalar
+from mupderive.errors import CalculusError
+from mupderive.language.check import PARAM_SHAPES, Checker
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, const_value
+from mupderive.language.printer import show_expr
+from mupderive.language.rule import Body, Hyper
+
+MAX_STEPS = 8  # steps simulated before states must have reached their steady scale
+
+
+def hyper_symbol(name: str) -> str:
+    return f"hyper:{name}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer's width exponents: fans ``(o, i)``, forward multiplier ``n^m`` and init std ``n^init``."""
+
+    role: str
+    o: Exp
+    i: Exp
+    m: Exp
+    init: Exp | None  # None: zero init
+    vector: bool = False
+
+    @property
+    def shape(self) -> tuple[str, ...]:
+        return PARAM_SHAPES["vector" if self.vector else "matrix"]
+
+    @property
+    def grad_norm(self) -> Exp:
+        """``|G|_*`` (= ``|G|_F``): ``|delta| |x| = n^{-o/2} n^{i/2}``, times the multiplier."""
+        return (self.i - self.o) * HALF + self.m
+
+    @property
+    def target(self) -> Exp:
+        """The spectral condition's ``|W_eff|_*`` and ``|dW_eff|_*``: ``sqrt(fan_out / fan_in)``."""
+        return (self.o - self.i) * HALF
+
+
+@dataclass(frozen=True)
+class Term:
+    text: str
+    e: Exp | None
+    hypers: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A sum or comparison inside the rule: its terms' exponents under ``metric``, and what it decided."""
+
+    loc: Loc
+    text: str
+    op: str  # sum | max | min | clip | atan2 | damping | decay
+    metric: str
+    terms: tuple[Term, ...]
+    solved: tuple[tuple[str, Exp], ...] = ()
+    direct: frozenset[str] = frozenset()  # names appearing in the operands outside any nested comparison
+
+
+@dataclass
+class Outcome:
+    """The scales of one layer's step: direction ``U``, total ``U + decay W``, and every comparison made."""
+
+    values: dict[str, Value]
+    direction: Value
+    total: Value
+    comparisons: list[Comparison]
+    solved: dict[str, Exp]
+    free: list[str] = field(default_factory=list)
+
+
+class Conflict(Exception):
+    """A hyperparameter enters two balance points that need different exponents."""
+
+    def __init__(self, hyper: str, first: Comparison, second: Comparison, need: Exp) -> None:
+        super().__init__(hyper)
+        self.hyper, self.first, self.second, self.need = hyper, first, second, need
+
+
+class Evaluator:
+    """One evaluation of a body for one layer; see the module docstring."""
+
+    def __init__(self, path: str, body: Body, hypers: tuple[Hyper, ...], layer: Layer, signs: Signs,
+                 pinned: dict[str, Exp], flags: dict[str, bool], balance: bool) -> None:
+        self.path, self.body, self.layer, self.signs = path, body, layer, signs
+        self.hypers = {h.name: h for h in hypers}
+        self.order = [h.name for h in hypers]
+        self.pinned, self.flags, self.balance = pinned, flags, balance
+        self.frame = Frame({"o": layer.o, "i": layer.i}, signs)
+        checker = Checker(path, hypers, "vector" if layer.vector else "matrix")
+        checker.body(body)
+        self.metrics = sum_metrics(body, checker)
+        self.solved: dict[str, Exp] = {}
+        self.solved_by: dict[str, Comparison] = {}
+        self.comparisons: list[Comparison] = []
+
+    # -- the layer's inputs ----------------------------------------------------------------------------------
+    def inputs(self) -> dict[str, Value]:
+        layer, shape = self.layer, self.layer.shape
+        g = layer.grad_norm
+        g_rms = g - (layer.o + layer.i) * HALF
+        weight = [Part("outer", layer.target - layer.m)]
+        if layer.init is not None:
+            weight.append(Part("dense", layer.init))
+        env = {
+            "G": Value(shape, (Part("outer", g),)),
+            "W": self.frame.merge(shape, weight),
+            "H": Value(shape, (Part("dense", g_rms + g),)),
+            "t": scalar(ZERO, True),
+            "fan_in": scalar(layer.i, True),
+            "fan_out": scalar(layer.o, True),
+        }
+        for name, hyper in self.hypers.items():
+            if hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
+                env[name] = scalar(ZERO, hyper.default >= 0) if hyper.default != 0 else Value((), ())
+            elif hyper.role == "scale":
+                e = self.pinned.get(name, Exp.sym(hyper_symbol(name)))
+                env[name] = scalar(e, hyper.default >= 0, frozenset({name}))
+        return env
+
+    # -- the whole step --------------------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        base = self.inputs()
+        states = {name: self.expr(init, base) for name, init in self.body.state}
+        previous = None
+        for _ in range(MAX_STEPS):
+            self.solved, self.solved_by, self.comparisons = {}, {}, []
+            env = dict(base) | states
+            for stmt in self.body.compute:
+                env[stmt.target] = self.guard(stmt.value, env)
+            direction = self.guard(self.body.direction, env)
+            total = direction
+            if self.body.decay is not None:
+                decay = self.guard(self.body.decay, env)
+                weight = self.frame.mul(decay, base["W"])
+                decay_term = BinOp("*", self.body.decay, Name("W"))
+                total = self.compare(BinOp("+", self.body.direction, decay_term, loc=self.body.direction.loc),
+                                     "decay", "effect", [direction, weight])
+            new_states = {name: self.settle(env[name]) for name in states}
+            snapshot = (new_states, dict(self.solved))
+            if snapshot == previous:
+                free = sorted({s for v in env.values() for p in self.settle(v).parts for s in p.e.symbols})
+                return Outcome(env, self.settle(direction), self.settle(total), self.comparisons,
+                               dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")])
+            previous, states = snapshot, new_states
+        grown = [n for n in states if previous and previous[0].get(n) != states.get(n)]
+        raise CalculusError(f"{self.path}: state {', '.join(grown) or '?'} has no steady width scale: it keeps "
+                            f"growing with width step after step")
+
+    def settle(self, value: Value) -> Value:
+        """``value`` with every solved hyperparameter exponent substituted."""
+        if not self.solved:
+            return value
+        return Value(value.shape, tuple(Part(p.kind, p.e.subs(self.solved), p.nonneg, p.hypers)
+                                        for p in value.parts))
+
+    def guard(self, expr: Expr, env: dict[str, Value]) -> Value:
+        """Evaluate, turning calculus failures into messages that name the responsible term."""
+        try:
+            return self.expr(expr, env)
+        except (CalculusError, Undecidable) as exc:
+            if isinstance(exc, Undecidable) and self.signs.assumptions:
+                raise  # symbolic fans: the caller splits cases
+            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {exc}") from None
+
+    # -- expressions -----------------------------------------------------------------------------------------
+    def expr(self, node: Expr, env: dict[str, Value]) -> Value:
+        f = self.frame
+        if isinstance(node, Num):
+            return Value((), ()) if node.value == 0 else scalar(ZERO, node.value > 0)
+        if isinstance(node, Name):
+            return env[node.id]
+        if isinstance(node, Neg):
+            return f.neg(self.expr(node.arg, env))
+        if isinstance(node, Transpose):
+            return f.transpose(self.expr(node.arg, env))
+        if isinstance(node, Cond):
+            chosen = node.then if self.flags[node.flag] else node.orelse
+            return self.expr(chosen, env)
+        if isinstance(node, BinOp):
+            return self.binop(node, env)
+        assert isinstance(node, Call)
+        return self.call(node, env)
+
+    def binop(self, node: BinOp, env: dict[str, Value]) -> Value:
+        f = self.frame
+        a, b = self.expr(node.left, env), self.expr(node.right, env)
+        if node.op in "+-":
+            metric = self.metrics.get(id(node), "rms")
+            out = self.compare(node, "sum", metric, [a, b], [show_expr(node.left), show_expr(node.right)])
+            return f.neg(out) if node.op == "-" and not b.is_zero else out
+        if node.op == "*":
+            return f.mul(a, b)
+        if node.op == "/":
+            if b.is_zero:
+                raise CalculusError("division by an exactly-zero quantity")
+            return f.mul(a, f.power(b, Fraction(-1), "odd"))
+        if node.op == "@":
+            shape = a.shape[:-1] + b.shape[1:]
+            return f.matmul(a, b, shape)
+        exponent = const_value(node.right)
+        if exponent is None:  # width-free base to a step-dependent power, e.g. beta1 ** t
+            base = self.settle(a)
+            if a.shape or a.is_zero or f.metric(base, "rms") != ZERO:
+                raise CalculusError("a non-constant power needs a width-independent scalar base (like beta ** t)")
+            return scalar(ZERO, True)
+        parity = "pos" if exponent.denominator != 1 else ("even" if exponent.numerator % 2 == 0 else "odd")
+        return f.power(a, exponent, parity)
+
+    def call(self, node: Call, env: dict[str, Value]) -> Value:
+        f, fn = self.frame, node.fn
+        if fn == "zeros":
+            return Value(self.expr(node.args[0], env).shape, ())
+        if fn == "eye":
+            return Value(self.expr(node.args[0], env).shape, (Part("eye", ZERO, True),))
+        args = [self.expr(a, env) for a in node.args]
+        texts = [show_expr(a) for a in node.args]
+        if fn == "sqrt":
+            return f.power(args[0], HALF, "pos")
+        if fn == "abs":
+            return f.power(args[0], Fraction(1), "even")
+        if fn == "sign":
+            return f.power(args[0], Fraction(0), "odd")
+        if fn in ("max", "min"):
+            return self.compare(node, fn, "rms", args, texts)
+        if fn == "clip":
+            bounds = [b for b in args[1:] if not b.is_zero]
+            bound = bounds[0] if len(bounds) == 1 else self.compare(node, "max", "rms", bounds, texts[1:])
+            return self.compare(node, "clip", "rms", [args[0], bound], [texts[0], "|".join(texts[1:])])
+        if fn == "atan2":
+            ratio = f.mul(args[0], f.power(args[1], Fraction(-1), "odd"))
+            self.record(node, "atan2", "rms", args, texts)
+            return f.clip(ratio, scalar(ZERO, True))
+        if fn == "ema":
+            if f.metric(self.settle(args[2]), "rms") not in (ZERO, None):
+                raise CalculusError("ema's beta must be width-independent")
+            return f.add(args[0], args[1])
+        if fn == "matpow":
+            a = args[0]
+            if len(args) == 3:
+                a = self.compare(node, "damping", "spec", [a, f.mul(args[2], Value(a.shape, (Part("eye", ZERO),)))],
+                                 [texts[0], f"{texts[2]} * eye"])
+            return f.matpow(self.settle(a), const_value(node.args[1]))
+        if fn == "orthogonalize":
+            return f.orthogonalize(args[0])
+        if fn in ("fro_norm", "spectral_norm", "rms", "mean"):
+            metric = {"fro_norm": "fro", "spectral_norm": "spec", "rms": "rms", "mean": "mean"}[fn]
+            return f.norm(self.settle(args[0]), metric)
+        if fn in ("row_mean", "col_mean"):
+            return f.axis_mean(args[0], 1 if fn == "row_mean" else 0)
+        if fn == "outer":
+            return f.outer(args[0], args[1])
+        raise CalculusError(f"no scaling rule for {fn}()")
+
+    # -- balance points --------------------------------------------------------------------------------------
+    def record(self, node: Expr, op: str, metric: str, values: list[Value], texts: list[str] | None = None,
+               solved: tuple[tuple[str, Exp], ...] = ()) -> Comparison:
+        operands = _operands(node)
+        texts = texts or [show_expr(x) for x in operands]
+        terms = []
+        for value, text in zip(values, texts, strict=True):
+            shape = value.shape or next((v.shape for v in values if v.shape), ())
+            e = self.frame.metric(self.settle(self.frame.broadcast(value, shape)), metric)
+            terms.append(Term(text, e, value.hypers))
+        direct = frozenset().union(*(_direct_names(x) for x in operands))
+        comparison = Comparison(node.loc, show_expr(node), op, metric, tuple(terms), solved, direct)
+        self.comparisons.append(comparison)
+        return comparison
+
+    def compare(self, node: Expr, op: str, metric: str, values: list[Value], texts: list[str] | None = None
+                ) -> Value:
+        """Combine ``values`` (a sum, max, min or clip), first balancing them if hyperparameters set them apart."""
+        f = self.frame
+        live = [v for v in values if not v.is_zero]
+        if len(live) >= 2 and self.balance:
+            self.balance_terms(node, op, metric, values, texts)
+        else:
+            self.record(node, op, metric, values, texts)
+        settled = [self.settle(v) for v in values]
+        if op in ("sum", "decay"):
+            out = settled[0]
+            for v in settled[1:]:
+                out = f.add(out, v)
+            return out
+        if op == "max":
+            return f.maximum(settled[0], settled[1])
+        if op == "min":
+            return f.minimum(settled[0], settled[1])
+        if op == "clip":
+            return f.clip(settled[0], settled[1])
+        return f.add(settled[0], settled[1])  # damping: A + eps I
+
+    def balance_terms(self, node: Expr, op: str, metric: str, values: list[Value], texts: list[str] | None
+                      ) -> None:
+        shape = next((v.shape for v in values if v.shape), ())
+        live = [v for v in values if not v.is_zero]
+        raw = [self.frame.metric(self.frame.broadcast(v, shape), metric) for v in live]
+        common = frozenset.intersection(*(v.hypers for v in live))
+        distinct = frozenset().union(*(v.hypers for v in live)) - common
+        if not distinct:
+            self.record(node, op, metric, values, texts)
+            return
+        solved: list[tuple[str, Exp]] = []
+        for e in raw[1:]:
+            diff = (e - raw[0]).subs(self.solved)
+            unknown = [n for n in reversed(self.order) if hyper_symbol(n) in diff.symbols]
+            if unknown:
+                name = unknown[0]
+                sym = hyper_symbol(name)
+                value = -(diff.subs({sym: ZERO})) / diff.coefficient(sym)
+                self.solved = {k: v.subs({sym: value}) for k, v in self.solved.items()} | {sym: value}
+                solved.append((name, value))
+            elif diff != ZERO:
+                self.conflict(node, op, metric, values, texts, e, raw[0])
+        comparison = self.record(node, op, metric, values, texts, tuple(solved))
+        for name, _ in solved:
+            self.solved_by[name] = comparison
+
+    def conflict(self, node: Expr, op: str, metric: str, values: list[Value], texts: list[str] | None,
+                 e: Exp, first: Exp) -> None:
+        """The terms cannot all be balanced: some hyperparameter was already fixed by another balance point."""
+        diff = e - first
+        for name in reversed(self.order):
+            sym = hyper_symbol(name)
+            if name in self.solved_by and sym in diff.symbols:
+                others = {k: v for k, v in self.solved.items() if k != sym}
+                reduced = diff.subs(others)
+                need = -(reduced.subs({sym: ZERO})) / reduced.coefficient(sym)
+                here = self.record(node, op, metric, values, texts)
+                raise Conflict(name, self.solved_by[name], here, need)
+        comparison = self.record(node, op, metric, values, texts)
+        raise CalculusError(f"{self.path}:{node.loc.line}:{node.loc.col}: the terms of {comparison.text} cannot be "
+                            f"balanced: " + ", ".join(f"{t.text} ~ n^{t.e}" for t in comparison.terms))
+
+
+_NESTED = {"max", "min", "clip", "atan2", "matpow"}
+
+
+def _operands(node: Expr) -> tuple[Expr, ...]:
+    """The compared operands of a comparison node (a sum's two sides, a call's arguments)."""
+    if isinstance(node, BinOp):
+        return (node.left, node.right)
+    return node.children()
+
+
+def _direct_names(expr: Expr) -> frozenset[str]:
+    """Names in ``expr`` that are not inside a nested sum or comparison."""
+    if isinstance(expr, Name):
+        return frozenset({expr.id})
+    if isinstance(expr, BinOp) and expr.op in "+-" or isinstance(expr, Call) and expr.fn in _NESTED:
+        return frozenset()
+    return frozenset().union(*(_direct_names(c) for c in expr.children()))

@@ -1,0 +1,241 @@
+"""``derive(rule)``: the full derivation of a rule, per layer role and as general formulas in fan_in/fan_out.
+
+The result is exact (sympy Rationals at the boundary), renders in Jupyter (``_repr_latex_``) and serializes to the
+stable JSON contract ``mupderive.derivation/1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import sympy
+
+from mupderive.calculus.exponent import ZERO, Exp, Signs, Undecidable
+from mupderive.errors import CalculusError, MupError
+from mupderive.language.load import load_rule
+from mupderive.language.rule import ROLES, Rule
+from mupderive.solver import (
+    CONVENTIONS,
+    Balanced,
+    Fix,
+    Regime,
+    balance_layer,
+    if_fixed,
+    init_bound,
+    make_layer,
+)
+
+SCHEMA = "mupderive.derivation/1"
+FAN_IN, FAN_OUT = sympy.symbols("fan_in fan_out", positive=True)
+
+
+def rational(e: Exp) -> sympy.Rational:
+    """A constant exponent as an exact sympy Rational."""
+    if not e.is_const():
+        raise CalculusError(f"exponent {e} still depends on {', '.join(sorted(e.symbols))}")
+    return sympy.Rational(e.const.numerator, e.const.denominator)
+
+
+@dataclass(frozen=True)
+class LayerDerivation:
+    """Everything derived for one layer role."""
+
+    role: str
+    rule: str  # the rule applied to this role (the fallback where the main rule does not apply)
+    fan_out: Exp
+    fan_in: Exp
+    multiplier: Exp
+    init_std: Exp
+    lr: Exp
+    hyper: dict[str, Exp]
+    if_fixed: dict[str, Regime]
+    kappa: Exp
+    balanced: Balanced
+    notes: tuple[str, ...] = ()
+
+    def exponents(self) -> dict[str, sympy.Rational]:
+        """Exact exponents of the three knobs and every hyperparameter."""
+        out = {"multiplier": rational(self.multiplier), "init_std": rational(self.init_std), "lr": rational(self.lr)}
+        return out | {name: rational(e) for name, e in self.hyper.items()}
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """A rule's width exponents in one convention."""
+
+    rule: Rule
+    convention: str
+    fixes: tuple[Fix, ...]
+    layers: dict[str, LayerDerivation]
+    formulas: dict[str, sympy.Expr | None] = field(default_factory=dict)
+
+    @property
+    def kappa(self) -> sympy.Rational | dict[str, sympy.Rational]:
+        """The abc-symmetry degree: one number when every role agrees, else per role."""
+        values = {role: rational(layer.kappa) for role, layer in self.layers.items()}
+        distinct = set(values.values())
+        return distinct.pop() if len(distinct) == 1 else values
+
+    def to_json(self) -> dict:
+        """The ``mupderive.derivation/1`` document (every exponent a string such as ``"-1/2"``)."""
+        kappa = self.kappa
+        return {
+            "schema": SCHEMA,
+            "rule": self.rule.name,
+            "rule_sha256": self.rule.digest,
+            "convention": self.convention,
+            "fixes": [f"{f.role}.{f.knob}={f.value}" for f in self.fixes],
+            "kappa": {k: str(v) for k, v in kappa.items()} if isinstance(kappa, dict) else str(kappa),
+            "formulas": {q: str(f) for q, f in self.formulas.items() if f is not None},
+            "layers": {role: _layer_json(layer) for role, layer in self.layers.items()},
+        }
+
+    def _repr_latex_(self) -> str:
+        from mupderive.render import latex_table
+
+        return latex_table(self, display=True)
+
+    def _repr_markdown_(self) -> str:
+        from mupderive.render import markdown_table
+
+        return markdown_table(self)
+
+
+def _layer_json(layer: LayerDerivation) -> dict:
+    out = {
+        "rule": layer.rule,
+        "fan_out": str(rational(layer.fan_out)),
+        "fan_in": str(rational(layer.fan_in)),
+        "init_std": str(rational(layer.init_std)),
+        "multiplier": str(rational(layer.multiplier)),
+        "lr": str(rational(layer.lr)),
+        "kappa": str(rational(layer.kappa)),
+        "hyper": {name: str(rational(e)) for name, e in layer.hyper.items()},
+        "if_fixed": {name: {"regime": r.text, "lr": str(rational(r.lr))} for name, r in layer.if_fixed.items()},
+    }
+    if layer.notes:
+        out["notes"] = list(layer.notes)
+    return out
+
+
+def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
+           options: dict[str, bool] | None = None) -> Derivation:
+    """Derive every layer role's exponents for ``rule`` (a :class:`Rule`, built-in name or file path)."""
+    rule = rule if isinstance(rule, Rule) else load_rule(rule)
+    if convention not in CONVENTIONS:
+        raise MupError(f"unknown convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
+    fallback = load_rule(rule.fallback) if rule.fallback else None
+    layers = {}
+    for role in ROLES:
+        applied = rule if role in rule.applies_to else fallback
+        flags = _flags(applied, options)
+        knobs = {f.knob: Exp(f.value) for f in fixes if f.role == role}
+        layers[role] = _derive_layer(applied, role, CONVENTIONS[convention].get(role, Fraction(0)), knobs, flags)
+    return Derivation(rule, convention, tuple(fixes), layers, general_formulas(rule, _flags(rule, options)))
+
+
+def _flags(rule: Rule, options: dict[str, bool] | None) -> dict[str, bool]:
+    flags = {h.name: h.default for h in rule.hypers if isinstance(h.default, bool)}
+    for name, value in (options or {}).items():
+        if name in flags:
+            flags[name] = bool(value)
+    return flags
+
+
+def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], flags: dict[str, bool]
+                  ) -> LayerDerivation:
+    signs = Signs()
+    probe = make_layer(role, ZERO)
+    bound0 = init_bound(probe.o, probe.i, ZERO, signs)
+    m = knobs.get("multiplier", Exp(m0))
+    init = None
+    if "init_std" in knobs:
+        if "multiplier" in knobs:
+            bound = bound0 - m
+            relation = signs.compare(knobs["init_std"], bound)
+            if relation > 0 or (relation < 0 and role != "output"):
+                raise MupError(f"{role}.init_std=n^{knobs['init_std']} with multiplier n^{m} breaks the spectral "
+                               f"condition: it needs init_std = n^{bound}" + (" or smaller" if role == "output" else ""))
+            init = knobs["init_std"]
+        else:
+            m = bound0 - knobs["init_std"]  # keep the init at the spectral bound by moving the multiplier
+    balanced = balance_layer(rule, make_layer(role, m, init), flags)
+    shifted = balance_layer(rule, make_layer(role, m + 1), flags)
+    at_bound = balanced if init is None else balance_layer(rule, make_layer(role, m), flags)
+    kappa = at_bound.lr - shifted.lr  # abc-symmetry: init moves with the multiplier
+    if "lr" in knobs and knobs["lr"] != balanced.lr:
+        if "multiplier" in knobs or "init_std" in knobs or kappa == ZERO:
+            raise MupError(f"{role}.lr=n^{knobs['lr']} contradicts the other fixed knobs: the spectral condition "
+                           f"gives lr = n^{balanced.lr}" + (" (kappa = 0: no multiplier can change it)"
+                                                            if kappa == ZERO else ""))
+        m = m + (balanced.lr - knobs["lr"]) / kappa.const
+        balanced = balance_layer(rule, make_layer(role, m), flags)
+        shifted = balance_layer(rule, make_layer(role, m + 1), flags)
+    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in rule.scale_hypers}
+    notes = list(balanced.notes)
+    notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in rule.scale_hypers
+              if h.default == 0]
+    layer = balanced.layer
+    return LayerDerivation(role, rule.name, layer.o, layer.i, layer.m, layer.init, balanced.lr, balanced.hyper,
+                           regimes, kappa, balanced, tuple(notes))
+
+
+# -- general formulas in fan_in / fan_out ---------------------------------------------------------------------
+def general_formulas(rule: Rule, flags: dict[str, bool]) -> dict[str, sympy.Expr | None]:
+    """init_std, lr and each hyperparameter as functions of fan_in and fan_out (multiplier 1).
+
+    The calculus runs with the fan exponents as symbols, once for each order of fan_out and fan_in; where the three
+    cases disagree the formula carries a min or max (or a piecewise expression).
+    """
+    o, i, d = Exp.sym("o"), Exp.sym("i"), Exp.sym("d")
+    cases = [({"o": i + d}, Signs({"i": "0+", "d": "+"}), {"d": o - i}),
+             ({"o": i}, Signs({"i": "0+"}), {}),
+             ({"i": o + d}, Signs({"o": "0+", "d": "+"}), {"d": i - o})]
+    results = []
+    for subs, signs, back in cases:
+        fan_o, fan_i = o.subs(subs), i.subs(subs)
+        try:
+            balanced = balance_layer(rule, make_layer("matrix", ZERO, signs=signs, fans=(fan_o, fan_i)),
+                                     flags, signs)
+        except (Undecidable, CalculusError):
+            return {}
+        values = {"init_std": balanced.layer.init, "lr": balanced.lr} | balanced.hyper
+        results.append({q: e.subs(back) for q, e in values.items()})
+    return {q: _combine([r[q] for r in results]) for q in results[0]}
+
+
+def _combine(forms: list[Exp]) -> sympy.Expr | None:
+    above, equal, below = forms
+    if above == equal == below:
+        return _power(above)
+    on_diagonal = {"o": Exp.sym("i")}
+    if above.subs(on_diagonal) != equal or below.subs(on_diagonal) != equal:
+        return sympy.Piecewise((_power(above), FAN_OUT > FAN_IN), (_power(equal), sympy.Eq(FAN_OUT, FAN_IN)),
+                               (_power(below), True))
+    d = Exp.sym("d")
+    gap_above = (above - below).subs({"o": Exp.sym("i") + d})  # sign of above - below where fan_out > fan_in
+    gap_below = (above - below).subs({"i": Exp.sym("o") + d})  # ... and where fan_out < fan_in
+    try:
+        sign_above = Signs({"i": "0+", "d": "+"}).compare(gap_above, ZERO)
+        sign_below = Signs({"o": "0+", "d": "+"}).compare(gap_below, ZERO)
+    except Undecidable:
+        sign_above = sign_below = 0
+    if sign_above < 0 < sign_below:
+        return sympy.Min(_power(above), _power(below))
+    if sign_above > 0 > sign_below:
+        return sympy.Max(_power(above), _power(below))
+    return sympy.Piecewise((_power(above), FAN_OUT > FAN_IN), (_power(below), True))
+
+
+def _power(e: Exp) -> sympy.Expr:
+    """``n^e`` with ``n^o -> fan_out`` and ``n^i -> fan_in``."""
+    out = FAN_OUT ** _r(e.coefficient("o")) * FAN_IN ** _r(e.coefficient("i"))
+    if e.const:
+        out *= sympy.Symbol("n", positive=True) ** _r(e.const)
+    return out
+
+
+def _r(value: Fraction) -> sympy.Rational:
+    return sympy.Rational(value.numerator, value.denominator)

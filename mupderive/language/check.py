@@ -1,0 +1,206 @@
+"""Static checks of a rule body: every name defined, every primitive applied to operands of the right shape.
+
+Shapes are tuples of dimension tags: ``()`` scalar, ``("o",)`` a fan_out vector, ``("o", "i")`` a
+fan_out x fan_in matrix. Tags, not sizes, are compared, so ``G @ G`` is rejected even though a hidden layer is square.
+"""
+
+from __future__ import annotations
+
+from mupderive.errors import RuleError
+from mupderive.language.ir import (
+    BUILTINS,
+    FUNCTIONS,
+    BinOp,
+    Call,
+    Cond,
+    Expr,
+    Name,
+    Neg,
+    Num,
+    Transpose,
+    const_value,
+    walk,
+)
+from mupderive.language.rule import Body, Hyper
+
+Shape = tuple[str, ...]
+SCALAR: Shape = ()
+PARAM_SHAPES: dict[str, Shape] = {"matrix": ("o", "i"), "vector": ("o",)}
+MAX_POWER = 16  # largest |p| and denominator accepted in x ** p and matpow(A, p)
+
+
+def show(shape: Shape) -> str:
+    names = {"o": "fan_out", "i": "fan_in"}
+    return "scalar" if not shape else "(" + " x ".join(names[d] for d in shape) + ")"
+
+
+class Checker:
+    """Checks one body for one parameter kind; ``shapes`` afterwards maps every defined name to its shape."""
+
+    def __init__(self, path: str, hypers: tuple[Hyper, ...], kind: str) -> None:
+        self.path = path
+        self.kind = kind
+        param = PARAM_SHAPES[kind]
+        self.hypers = {h.name: h for h in hypers}
+        self.shapes: dict[str, Shape] = {"G": param, "W": param, "H": param, "t": SCALAR,
+                                          "fan_in": SCALAR, "fan_out": SCALAR}
+        for h in hypers:
+            if not isinstance(h.default, bool | str):
+                self.shapes[h.name] = SCALAR
+
+    def fail(self, node: Expr, what: str, expected: str = "") -> RuleError:
+        return RuleError(self.path, node.loc.line, node.loc.col, what, expected)
+
+    def body(self, body: Body) -> None:
+        param = PARAM_SHAPES[self.kind]
+        states = dict(body.state)
+        for name, init in body.state:
+            self._no_reads(init, states, "state initial values may use only G, W, H, fan_in, fan_out and "
+                                         "hyperparameters")
+            self.shapes[name] = self.shape(init, in_init=True)
+        assigned: set[str] = set()
+        for stmt in body.compute:
+            target = stmt.target
+            where = RuleError(self.path, stmt.loc.line, stmt.loc.col, "", "")
+            if target in BUILTINS or target in self.hypers or target in FUNCTIONS:
+                raise RuleError(where.path, where.line, where.col, f"cannot assign to {target!r}",
+                                "a new local name or a declared state")
+            if target in assigned:
+                raise RuleError(where.path, where.line, where.col, f"{target!r} is assigned twice",
+                                "each name assigned at most once per step")
+            value_shape = self.shape(stmt.value)
+            if target in states and value_shape != self.shapes[target]:
+                raise RuleError(where.path, where.line, where.col,
+                                f"state {target!r} has shape {show(self.shapes[target])} but is assigned "
+                                f"{show(value_shape)}", "the shape of its initial value")
+            self.shapes[target] = value_shape
+            assigned.add(target)
+        for name, init in body.state:
+            if name not in assigned:
+                raise self.fail(init, f"state {name!r} is never updated", "an assignment in the compute block")
+        direction = self.shape(body.direction)
+        if direction != param:
+            raise self.fail(body.direction, f"direction has shape {show(direction)}", f"{show(param)} like W")
+        if body.decay is not None and self.shape(body.decay) != SCALAR:
+            raise self.fail(body.decay, "decay must be a scalar", "a scalar coefficient such as weight_decay")
+
+    def _no_reads(self, expr: Expr, states: dict[str, Expr], expected: str) -> None:
+        for node in walk(expr):
+            if isinstance(node, Name) and (node.id in states or node.id == "t"):
+                raise self.fail(node, f"initial value reads {node.id!r}", expected)
+
+    def shape(self, node: Expr, in_init: bool = False) -> Shape:
+        """Shape of ``node``; raises on undefined names and shape mismatches."""
+        if isinstance(node, Num):
+            return SCALAR
+        if isinstance(node, Name):
+            return self.name(node)
+        if isinstance(node, Neg):
+            return self.shape(node.arg, in_init)
+        if isinstance(node, Transpose):
+            inner = self.shape(node.arg, in_init)
+            if len(inner) != 2:
+                raise self.fail(node, f".T of a {show(inner)} value", "a matrix")
+            return inner[::-1]
+        if isinstance(node, Cond):
+            hyper = self.hypers.get(node.flag)
+            if hyper is None or not isinstance(hyper.default, bool):
+                raise self.fail(node, f"condition {node.flag!r} is not a boolean hyperparameter",
+                                "a hyperparameter with default true or false")
+            a, b = self.shape(node.then, in_init), self.shape(node.orelse, in_init)
+            if a != b:
+                raise self.fail(node, f"branches have shapes {show(a)} and {show(b)}", "equal shapes")
+            return a
+        if isinstance(node, BinOp):
+            return self.binop(node, in_init)
+        if isinstance(node, Call):
+            return self.call(node, in_init)
+        raise self.fail(node, f"unsupported node {type(node).__name__}")
+
+    def name(self, node: Name) -> Shape:
+        hyper = self.hypers.get(node.id)
+        if hyper is not None and hyper.role == "lr":
+            raise self.fail(node, "the learning rate cannot appear in expressions",
+                            "the optimizer applies W <- W - lr * direction itself")
+        if hyper is not None and isinstance(hyper.default, bool | str):
+            raise self.fail(node, f"option {node.id!r} cannot be used as a number",
+                            "use it as a condition: `a if flag else b`")
+        if node.id not in self.shapes:
+            known = sorted(set(self.shapes) - {h for h in self.hypers if self.hypers[h].role == "lr"})
+            raise self.fail(node, f"unknown name {node.id!r}", f"one of: {', '.join(known)}")
+        return self.shapes[node.id]
+
+    def binop(self, node: BinOp, in_init: bool) -> Shape:
+        a, b = self.shape(node.left, in_init), self.shape(node.right, in_init)
+        if node.op == "@":
+            if a and b and a[-1] == b[0] and len(a) + len(b) >= 3:
+                return a[:-1] + b[1:]
+            raise self.fail(node, f"shape mismatch: {show(a)} @ {show(b)}",
+                            "inner dimensions that agree, e.g. G @ G.T")
+        if node.op == "**":
+            if b != SCALAR:
+                raise self.fail(node.right, "exponent must be a scalar", "x ** p with p a number")
+            if not _small_rational(node.right) and not (a == SCALAR and const_value(node.right) is None):
+                raise self.fail(node.right, "exponent must be a small rational constant",
+                                f"|p| <= {MAX_POWER} with denominator <= {MAX_POWER}")
+            return a
+        return self.broadcast(node, a, b)
+
+    def broadcast(self, node: Expr, a: Shape, b: Shape) -> Shape:
+        if a == b or b == SCALAR:
+            return a
+        if a == SCALAR:
+            return b
+        raise self.fail(node, f"shape mismatch: {show(a)} and {show(b)}", "equal shapes or a scalar")
+
+    def call(self, node: Call, in_init: bool) -> Shape:
+        fn = node.fn
+        if fn == "zeros" and not in_init:
+            raise self.fail(node, "zeros() outside a state's initial value", "zeros(G) in [update.state]")
+        shapes = [self.shape(a, in_init) for a in node.args]
+        if fn in ("sqrt", "abs", "sign", "zeros"):
+            return shapes[0]
+        if fn in ("max", "min", "atan2"):
+            return self.broadcast(node, shapes[0], shapes[1])
+        if fn == "clip":
+            for bound in shapes[1:]:
+                self.broadcast(node, shapes[0], bound)
+            return shapes[0]
+        if fn == "ema":
+            if shapes[2] != SCALAR:
+                raise self.fail(node.args[2], "ema's beta must be a scalar", "ema(old, x, beta)")
+            return self.broadcast(node, shapes[0], shapes[1])
+        if fn in ("fro_norm", "spectral_norm", "rms", "mean"):
+            if shapes[0] == SCALAR:
+                raise self.fail(node, f"{fn}() of a scalar", "a vector or matrix")
+            return SCALAR
+        if fn in ("row_mean", "col_mean"):
+            if len(shapes[0]) != 2:
+                raise self.fail(node, f"{fn}() of a {show(shapes[0])} value", "a matrix")
+            return shapes[0][:1] if fn == "row_mean" else shapes[0][1:]
+        if fn == "outer":
+            if len(shapes[0]) != 1 or len(shapes[1]) != 1:
+                raise self.fail(node, f"outer() of {show(shapes[0])} and {show(shapes[1])}", "two vectors")
+            return shapes[0] + shapes[1]
+        if fn in ("eye", "matpow"):
+            square = shapes[0]
+            if len(square) != 2 or square[0] != square[1]:
+                raise self.fail(node, f"{fn}() of a {show(square)} value",
+                                "a square matrix such as G @ G.T or G.T @ G")
+            if fn == "matpow":
+                if not _small_rational(node.args[1]):
+                    raise self.fail(node.args[1], "matpow exponent must be a small rational constant",
+                                    f"|p| <= {MAX_POWER} with denominator <= {MAX_POWER}")
+                if len(shapes) == 3 and shapes[2] != SCALAR:
+                    raise self.fail(node.args[2], "matpow damping must be a scalar", "matpow(A, p, eps)")
+            return square
+        if fn == "orthogonalize":
+            if len(shapes[0]) != 2:
+                raise self.fail(node, f"orthogonalize() of a {show(shapes[0])} value", "a matrix")
+            return shapes[0]
+        raise self.fail(node, f"unknown function {fn!r}")  # unreachable: the parser whitelists FUNCTIONS
+
+
+def _small_rational(node: Expr) -> bool:
+    value = const_value(node)
+    return value is not None and abs(value) <= MAX_POWER and value.denominator <= MAX_POWER

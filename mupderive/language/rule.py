@@ -1,0 +1,93 @@
+"""A parsed optimizer rule: hyperparameters, the mirrored implementation, and the update program per parameter kind."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from mupderive.language.ir import Assign, Expr
+
+ROLES = ("input", "hidden", "output", "vector")
+HYPER_ROLES = ("lr", "scale", "width-free")
+
+Value = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter: ``lr`` (the step size), ``scale`` (carries a width scale) or ``width-free``."""
+
+    name: str
+    role: str
+    default: Value
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Body:
+    """One step of the optimizer for a parameter: ``W <- W (1 - lr decay) - lr direction``.
+
+    ``state`` holds initial values (evaluated at the first step); ``compute`` runs top to bottom each step, a state
+    name read before its assignment meaning its previous value. With ``skip_first`` the first step only sets state.
+    """
+
+    state: tuple[tuple[str, Expr], ...]
+    compute: tuple[Assign, ...]
+    direction: Expr
+    decay: Expr | None = None
+    skip_first: bool = False
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.state)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """The real optimizer a rule mirrors and how rule hyperparameters become its constructor arguments."""
+
+    cls: str | None
+    args: tuple[tuple[str, str], ...] = ()
+    fixed: tuple[tuple[str, Value], ...] = ()
+    class_level: tuple[str, ...] = ()
+    note: str = ""
+
+    def arg(self, hyper: str) -> str | None:
+        return dict(self.args).get(hyper)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An optimizer rule file, parsed and checked."""
+
+    name: str
+    title: str
+    paper: str
+    implementation: Implementation
+    hypers: tuple[Hyper, ...]
+    matrix: Body
+    vector: Body | None = None
+    applies_to: tuple[str, ...] = ROLES
+    fallback: str | None = None
+    path: str = ""
+    source: str = ""
+
+    def body(self, role: str) -> Body:
+        """The program used for parameters of ``role`` (the vector override applies to 1-D parameters)."""
+        return self.vector if role == "vector" and self.vector is not None else self.matrix
+
+    def hyper(self, name: str) -> Hyper:
+        return next(h for h in self.hypers if h.name == name)
+
+    @property
+    def lr(self) -> Hyper:
+        return next(h for h in self.hypers if h.role == "lr")
+
+    @property
+    def scale_hypers(self) -> tuple[Hyper, ...]:
+        return tuple(h for h in self.hypers if h.role == "scale")
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the rule file's text: identifies exactly which rule a result came from."""
+        return hashlib.sha256(self.source.encode()).hexdigest()

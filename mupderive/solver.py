@@ -1,0 +1,199 @@
+"""From scales to prescriptions: init, multiplier, learning rate and every scale-carrying hyperparameter per layer.
+
+Per layer with multiplier ``n^m``, spectral condition (THEORY section 2) on the effective weight ``n^m W``::
+
+    init:  m + init + max(o, i)/2 = (o - i)/2          (|W_eff|_* = sqrt(fan_out / fan_in))
+    lr:    m + lr + s(U) = (o - i)/2                   (|dW_eff|_* = sqrt(fan_out / fan_in))
+
+with the hyperparameter exponents inside ``U`` fixed by regime preservation (the balance points of
+:mod:`mupderive.calculus.evaluate`). The abc-symmetry degree is ``kappa = lr(m) - lr(m + 1)``; an ``if_fixed`` scenario
+pins one hyperparameter at exponent 0 and lets the larger term win everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, hyper_symbol
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
+from mupderive.calculus.value import Frame
+from mupderive.errors import CalculusError, MupError
+from mupderive.language.rule import ROLES, Rule
+
+FANS: dict[str, tuple[int, int]] = {"input": (1, 0), "hidden": (1, 1), "output": (0, 1), "vector": (1, 0)}
+CONVENTIONS: dict[str, dict[str, Fraction]] = {
+    "spectral": {},  # all multipliers 1: TP-V Table 3 exponents
+    "mup-package": {"output": Fraction(-1)},  # the mup package's MuReadout: multiplier 1/width_mult
+}
+KNOBS = ("multiplier", "init_std", "lr")
+_FLOORS = {"sum", "max", "damping"}  # a larger hyperparameter is more active here (eps-like)
+_CEILINGS = {"min", "clip"}  # a smaller hyperparameter is more active here (clamp-like)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A user-fixed knob: ``ROLE.KNOB=EXPONENT``."""
+
+    role: str
+    knob: str
+    value: Fraction
+
+
+def parse_fix(text: str) -> Fix:
+    """Parse ``output.multiplier=-1`` (the exponent of width; rationals like ``-1/2`` allowed)."""
+    match = re.fullmatch(r"\s*([a-z]+)\.([a-z_]+)\s*=\s*(-?\d+(?:/\d+)?)\s*", text)
+    if not match:
+        raise MupError(f"--fix {text!r}: expected ROLE.KNOB=EXPONENT, e.g. output.multiplier=-1")
+    role, knob, value = match.groups()
+    if role not in ROLES:
+        raise MupError(f"--fix {text!r}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if knob not in KNOBS:
+        raise MupError(f"--fix {text!r}: unknown knob {knob!r}; expected one of {', '.join(KNOBS)}")
+    return Fix(role, knob, Fraction(value))
+
+
+@dataclass
+class Balanced:
+    """A layer evaluated with every hyperparameter at its regime-preserving exponent."""
+
+    layer: Layer
+    outcome: Outcome
+    hyper: dict[str, Exp]
+    lr: Exp
+    notes: list[str]
+
+
+def init_bound(o: Exp, i: Exp, m: Exp, signs: Signs) -> Exp:
+    """Largest init std exponent meeting the spectral condition: ``sigma (sqrt(fan_out) + sqrt(fan_in))``."""
+    return (o - i) * HALF - m - signs.max(o, i) * HALF
+
+
+def update_norm(outcome: Outcome, layer: Layer, signs: Signs) -> Exp:
+    """Spectral-norm exponent of the direction ``U`` (the decay term is balanced against it separately)."""
+    spec = Frame({"o": layer.o, "i": layer.i}, signs).metric(outcome.direction, "spec")
+    if spec is None:
+        raise CalculusError(f"the update of the {layer.role} layer is identically zero")
+    return spec
+
+
+def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, Exp], balance: bool,
+             signs: Signs | None = None) -> Outcome:
+    body = rule.body(layer.role if layer.vector else "matrix")
+    signs = signs or Signs()
+    return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance).run()
+
+
+def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs | None = None) -> Balanced:
+    """Solve every scale-carrying hyperparameter by regime preservation, then the learning rate."""
+    signs = signs or Signs()
+    pins: dict[str, Exp] = {}
+    notes: list[str] = []
+    for _ in range(len(rule.hypers) + 2):
+        try:
+            outcome = evaluate(rule, layer, flags, pins, True, signs)
+        except Conflict as clash:
+            pins[clash.hyper] = _resolve(clash, signs, notes)
+            continue
+        if outcome.free:
+            for name in outcome.free:
+                pins[name] = ZERO
+                notes.append(f"{name} enters no comparison that fixes its scale (only an overall factor the "
+                             f"learning rate absorbs): kept width-independent")
+            continue
+        hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
+                 for h in rule.scale_hypers}
+        lr = layer.target - layer.m - update_norm(outcome, layer, signs)
+        return Balanced(layer, outcome, hyper, lr, notes)
+    raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
+
+
+def _resolve(clash: Conflict, signs: Signs, notes: list[str]) -> Exp:
+    have = dict(clash.first.solved)[clash.hyper]
+    ops = {clash.first.op, clash.second.op}
+    if ops <= _FLOORS:
+        chosen, why = signs.min(have, clash.need), "the smaller exponent keeps it from dominating either"
+    elif ops <= _CEILINGS:
+        chosen, why = signs.max(have, clash.need), "the larger exponent keeps it from binding in either"
+    else:
+        raise CalculusError(f"contradiction: {clash.hyper} must scale as n^{have} to balance {clash.first.text} "
+                            f"but as n^{clash.need} to balance {clash.second.text}")
+    notes.append(f"{clash.hyper} enters two balance points needing n^{have} ({clash.first.text}) and "
+                 f"n^{clash.need} ({clash.second.text}); both cannot hold, so n^{chosen}: {why}")
+    return chosen
+
+
+def make_layer(role: str, m: Exp, init: Exp | None = None, signs: Signs | None = None,
+               fans: tuple[Exp, Exp] | None = None) -> Layer:
+    """A layer with multiplier ``n^m``; ``init`` defaults to the spectral bound."""
+    o, i = fans or (Exp(FANS[role][0]), Exp(FANS[role][1]))
+    signs = signs or Signs()
+    return Layer(role, o, i, m, init_bound(o, i, m, signs) if init is None else init, vector=role == "vector")
+
+
+@dataclass(frozen=True)
+class Regime:
+    """What happens when one hyperparameter is kept width-independent."""
+
+    text: str
+    lr: Exp
+    kappa: Exp
+    comparisons: tuple[Comparison, ...]
+
+
+def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
+    """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width."""
+    layer, derived = balanced.layer, balanced.hyper[name]
+    pins = dict(balanced.hyper) | {name: ZERO}
+    outcome = evaluate(rule, layer, flags, pins, False)
+    lr = layer.target - layer.m - update_norm(outcome, layer, Signs())
+    shifted_pins = dict(shifted.hyper) | {name: ZERO}
+    lr_shifted = shifted.layer.target - shifted.layer.m - update_norm(
+        evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs())
+    kappa = lr - lr_shifted
+    touched = tuple(c for c in outcome.comparisons if name in c.direct)
+    return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched)
+
+
+def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: Exp, lr_derived: Exp,
+                 kappa: Exp) -> str:
+    if derived == ZERO:
+        return f"unchanged: {name} is already width-independent in this layer"
+    parts = []
+    for comparison in _unique(touched):
+        mine = [t for t in comparison.terms if name in t.hypers and t.e is not None]
+        other = [t for t in comparison.terms if name not in t.hypers and t.e is not None]
+        if not mine or not other:
+            continue
+        a, b = mine[0], max(other, key=lambda t: t.e.const)
+        if a.e.const > b.e.const:
+            parts.append(f"{a.text} dominates {b.text} (n^{a.e} vs n^{b.e})")
+        elif a.e.const < b.e.const:
+            parts.append(f"{a.text} becomes negligible next to {b.text} (n^{a.e} vs n^{b.e})")
+        else:
+            parts.append(f"{a.text} stays balanced with {b.text}")
+    where = "; ".join(parts) or f"{name} drifts away from its balance point"
+    grows = "grows" if derived.const < 0 else "shrinks"
+    head = f"{name} {grows} relative to the terms it is compared with: {where}"
+    if lr == lr_derived:
+        return f"{head}; the learning-rate exponent is unchanged"
+    return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ n^{lr} instead of n^{lr_derived}"
+
+
+def behaviour(kappa: Exp) -> str:
+    """Name the update's response to rescaling the gradient, from the symmetry degree kappa."""
+    names = {Fraction(2): "proportional to the gradient (SGD-like)",
+             Fraction(1): "independent of the gradient's scale (sign/Adam-like)",
+             Fraction(0): "proportional to the weights (parameter-scaled)"}
+    return names.get(kappa.const, f"homogeneous with symmetry degree kappa = {kappa}") if kappa.is_const() else \
+        f"homogeneous with symmetry degree {kappa}"
+
+
+def _unique(comparisons: tuple[Comparison, ...]) -> list[Comparison]:
+    seen, out = set(), []
+    for c in comparisons:
+        if c.text not in seen:
+            seen.add(c.text)
+            out.append(c)
+    return out

@@ -1,0 +1,1 @@
+"""Verification of derived muP rules: reference models, training data, coordinate checks, LR sweeps."""
