@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 
 import sympy
@@ -69,7 +70,12 @@ class Derivation:
     convention: str
     fixes: tuple[Fix, ...]
     layers: dict[str, LayerDerivation]
-    formulas: dict[str, sympy.Expr | None] = field(default_factory=dict)
+    cases: dict[str, tuple[Exp, Exp, Exp]] = field(default_factory=dict)  # per quantity: fan_out >, =, < fan_in
+
+    @cached_property
+    def formulas(self) -> dict[str, sympy.Expr]:
+        """init_std, lr and each hyperparameter as sympy expressions in fan_in and fan_out (multiplier 1)."""
+        return {quantity: _combine(list(forms)) for quantity, forms in self.cases.items()}
 
     @property
     def kappa(self) -> sympy.Rational | dict[str, sympy.Rational]:
@@ -88,7 +94,7 @@ class Derivation:
             "convention": self.convention,
             "fixes": [f"{f.role}.{f.knob}={f.value}" for f in self.fixes],
             "kappa": {k: str(v) for k, v in kappa.items()} if isinstance(kappa, dict) else str(kappa),
-            "formulas": {q: str(f) for q, f in self.formulas.items() if f is not None},
+            "formulas": {q: str(f) for q, f in self.formulas.items()},
             "layers": {role: _layer_json(layer) for role, layer in self.layers.items()},
         }
 
@@ -156,8 +162,9 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
             bound = bound0 - m
             relation = signs.compare(knobs["init_std"], bound)
             if relation > 0 or (relation < 0 and role != "output"):
+                smaller = " or smaller" if role == "output" else ""
                 raise MupError(f"{role}.init_std=n^{knobs['init_std']} with multiplier n^{m} breaks the spectral "
-                               f"condition: it needs init_std = n^{bound}" + (" or smaller" if role == "output" else ""))
+                               f"condition: it needs init_std = n^{bound}{smaller}")
             init = knobs["init_std"]
         else:
             m = bound0 - knobs["init_std"]  # keep the init at the spectral bound by moving the multiplier
@@ -183,18 +190,17 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
 
 
 # -- general formulas in fan_in / fan_out ---------------------------------------------------------------------
-def general_formulas(rule: Rule, flags: dict[str, bool]) -> dict[str, sympy.Expr | None]:
-    """init_std, lr and each hyperparameter as functions of fan_in and fan_out (multiplier 1).
+def general_formulas(rule: Rule, flags: dict[str, bool]) -> dict[str, tuple[Exp, Exp, Exp]]:
+    """init_std, lr and each hyperparameter as exponents affine in ``o``, ``i`` (multiplier 1), per fan order.
 
     The calculus runs with the fan exponents as symbols, once for each order of fan_out and fan_in; where the three
-    cases disagree the formula carries a min or max (or a piecewise expression).
+    cases disagree the formula carries a min or max (or a piecewise expression). Empty when a case is undecidable.
     """
     o, i, d = Exp.sym("o"), Exp.sym("i"), Exp.sym("d")
-    cases = [({"o": i + d}, Signs({"i": "0+", "d": "+"}), {"d": o - i}),
-             ({"o": i}, Signs({"i": "0+"}), {}),
-             ({"i": o + d}, Signs({"o": "0+", "d": "+"}), {"d": i - o})]
+    # fan_out >= fan_in and fan_out <= fan_in; the diagonal is either one at d = 0
+    cases = [({"o": i + d}, Signs({"i": "0+", "d": "0+"})), ({"i": o + d}, Signs({"o": "0+", "d": "0+"}))]
     results = []
-    for subs, signs, back in cases:
+    for subs, signs in cases:
         fan_o, fan_i = o.subs(subs), i.subs(subs)
         try:
             balanced = balance_layer(rule, make_layer("matrix", ZERO, signs=signs, fans=(fan_o, fan_i)),
@@ -202,11 +208,13 @@ def general_formulas(rule: Rule, flags: dict[str, bool]) -> dict[str, sympy.Expr
         except (Undecidable, CalculusError):
             return {}
         values = {"init_std": balanced.layer.init, "lr": balanced.lr} | balanced.hyper
-        results.append({q: e.subs(back) for q, e in values.items()})
-    return {q: _combine([r[q] for r in results]) for q in results[0]}
+        results.append(values)
+    above, below = results
+    return {q: (above[q].subs({"d": o - i}), above[q].subs({"d": ZERO, "o": i}), below[q].subs({"d": i - o}))
+            for q in above}
 
 
-def _combine(forms: list[Exp]) -> sympy.Expr | None:
+def _combine(forms: list[Exp]) -> sympy.Expr:
     above, equal, below = forms
     if above == equal == below:
         return _power(above)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, hyper_symbol
+from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, Term, hyper_symbol
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.errors import CalculusError, MupError
@@ -78,11 +78,23 @@ def update_norm(outcome: Outcome, layer: Layer, signs: Signs) -> Exp:
     return spec
 
 
+_MEMO: dict[tuple, Outcome] = {}
+
+
 def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, Exp], balance: bool,
              signs: Signs | None = None) -> Outcome:
+    """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations)."""
     body = rule.body(layer.role if layer.vector else "matrix")
-    signs = signs or Signs()
-    return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance).run()
+    if signs is not None and signs.assumptions:
+        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance).run()
+    key = (rule.digest, layer, tuple(sorted(flags.items())), tuple(sorted(pins.items(), key=str)),
+           balance)
+    if key not in _MEMO:
+        if len(_MEMO) > 4096:
+            _MEMO.clear()
+        _MEMO[key] = Evaluator(rule.path or rule.name, body, rule.hypers, layer, Signs(), pins, flags,
+                               balance).run()
+    return _MEMO[key]
 
 
 def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs | None = None) -> Balanced:
@@ -145,14 +157,20 @@ class Regime:
 def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
     """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width."""
     layer, derived = balanced.layer, balanced.hyper[name]
+    if derived == ZERO:
+        return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO), balanced.lr,
+                      balanced.lr - shifted.lr, ())
     pins = dict(balanced.hyper) | {name: ZERO}
     outcome = evaluate(rule, layer, flags, pins, False)
     lr = layer.target - layer.m - update_norm(outcome, layer, Signs())
-    shifted_pins = dict(shifted.hyper) | {name: ZERO}
-    lr_shifted = shifted.layer.target - shifted.layer.m - update_norm(
-        evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs())
-    kappa = lr - lr_shifted
-    touched = tuple(c for c in outcome.comparisons if name in c.direct)
+    kappa = balanced.lr - shifted.lr
+    if lr != balanced.lr:  # a new regime: how does the update respond to rescaling the gradient there?
+        shifted_pins = dict(shifted.hyper) | {name: ZERO}
+        kappa = lr - (shifted.layer.target - shifted.layer.m - update_norm(
+            evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs()))
+    touched = tuple(c for c in outcome.comparisons if name in c.direct) or tuple(
+        c for c in outcome.comparisons  # e.g. a state whose initial value carries the hyperparameter
+        if c.op != "decay" and any(name in t.hypers for t in c.terms) and not all(name in t.hypers for t in c.terms))
     return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched)
 
 
@@ -164,21 +182,29 @@ def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: E
     for comparison in _unique(touched):
         mine = [t for t in comparison.terms if name in t.hypers and t.e is not None]
         other = [t for t in comparison.terms if name not in t.hypers and t.e is not None]
-        if not mine or not other:
-            continue
-        a, b = mine[0], max(other, key=lambda t: t.e.const)
-        if a.e.const > b.e.const:
-            parts.append(f"{a.text} dominates {b.text} (n^{a.e} vs n^{b.e})")
-        elif a.e.const < b.e.const:
-            parts.append(f"{a.text} becomes negligible next to {b.text} (n^{a.e} vs n^{b.e})")
-        else:
-            parts.append(f"{a.text} stays balanced with {b.text}")
+        if mine and other:
+            parts.append(_dominance(comparison, mine[0], max(other, key=lambda t: t.e.const)))
     where = "; ".join(parts) or f"{name} drifts away from its balance point"
     grows = "grows" if derived.const < 0 else "shrinks"
-    head = f"{name} {grows} relative to the terms it is compared with: {where}"
+    head = f"{name} {grows} relative to what it is compared with: {where}"
     if lr == lr_derived:
         return f"{head}; the learning-rate exponent is unchanged"
     return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ n^{lr} instead of n^{lr_derived}"
+
+
+def _dominance(comparison: Comparison, mine: Term, other: Term) -> str:
+    """How a fixed hyperparameter's term relates to its counterpart at large width."""
+    sizes = f"(n^{mine.e} vs n^{other.e})"
+    if mine.e.const == other.e.const:
+        return f"{mine.text} stays balanced with {other.text}"
+    larger = mine.e.const > other.e.const
+    if comparison.op in _CEILINGS:
+        if larger:
+            return f"{mine.text} no longer binds in {comparison.text} {sizes}"
+        return f"{mine.text} always binds in {comparison.text}: it saturates at {mine.text} {sizes}"
+    if larger:
+        return f"{mine.text} dominates {other.text} {sizes}"
+    return f"{mine.text} becomes negligible next to {other.text} {sizes}"
 
 
 def behaviour(kappa: Exp) -> str:
@@ -193,7 +219,7 @@ def behaviour(kappa: Exp) -> str:
 def _unique(comparisons: tuple[Comparison, ...]) -> list[Comparison]:
     seen, out = set(), []
     for c in comparisons:
-        if c.text not in seen:
-            seen.add(c.text)
+        if (c.text, c.op) not in seen:
+            seen.add((c.text, c.op))
             out.append(c)
     return out

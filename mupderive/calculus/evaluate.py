@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 
 from mupderive.calculus.demand import sum_metrics
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
@@ -64,17 +65,37 @@ class Term:
     hypers: frozenset[str]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Comparison:
-    """A sum or comparison inside the rule: its terms' exponents under ``metric``, and what it decided."""
+    """A sum or comparison inside the rule: its terms' exponents under ``metric``, and what it decided.
 
-    loc: Loc
-    text: str
+    Texts are rendered lazily: most comparisons are never printed.
+    """
+
+    node: Expr
     op: str  # sum | max | min | clip | atan2 | damping | decay
     metric: str
-    terms: tuple[Term, ...]
+    sizes: tuple[tuple[Exp | None, frozenset[str]], ...]
     solved: tuple[tuple[str, Exp], ...] = ()
-    direct: frozenset[str] = frozenset()  # names appearing in the operands outside any nested comparison
+    labels: tuple[str, ...] | None = None  # term texts, when they are not simply the operands
+
+    @property
+    def loc(self) -> Loc:
+        return self.node.loc
+
+    @cached_property
+    def text(self) -> str:
+        return show_expr(self.node)
+
+    @cached_property
+    def terms(self) -> tuple[Term, ...]:
+        labels = self.labels or tuple(show_expr(x) for x in _operands(self.node))
+        return tuple(Term(text, e, hypers) for text, (e, hypers) in zip(labels, self.sizes, strict=False))
+
+    @cached_property
+    def direct(self) -> frozenset[str]:
+        """Names appearing in the operands outside any nested comparison."""
+        return frozenset().union(*(_direct_names(x) for x in _operands(self.node)))
 
 
 @dataclass
@@ -97,6 +118,20 @@ class Conflict(Exception):
         self.hyper, self.first, self.second, self.need = hyper, first, second, need
 
 
+_ANALYSES: dict[tuple[int, int, str], tuple[Body, tuple[Hyper, ...], Checker, dict[int, str]]] = {}
+
+
+def _analysis(path: str, body: Body, hypers: tuple[Hyper, ...], kind: str) -> tuple[Checker, dict[int, str]]:
+    """Shapes and sum metrics of a body, computed once per body (the body is kept alive with its entry)."""
+    key = (id(body), id(hypers), kind)
+    if key not in _ANALYSES:
+        checker = Checker(path, hypers, kind)
+        checker.body(body)
+        _ANALYSES[key] = (body, hypers, checker, sum_metrics(body, checker))
+    _, _, checker, metrics = _ANALYSES[key]
+    return checker, metrics
+
+
 class Evaluator:
     """One evaluation of a body for one layer; see the module docstring."""
 
@@ -107,9 +142,7 @@ class Evaluator:
         self.order = [h.name for h in hypers]
         self.pinned, self.flags, self.balance = pinned, flags, balance
         self.frame = Frame({"o": layer.o, "i": layer.i}, signs)
-        checker = Checker(path, hypers, "vector" if layer.vector else "matrix")
-        checker.body(body)
-        self.metrics = sum_metrics(body, checker)
+        self.checker, self.metrics = _analysis(path, body, hypers, "vector" if layer.vector else "matrix")
         self.solved: dict[str, Exp] = {}
         self.solved_by: dict[str, Comparison] = {}
         self.comparisons: list[Comparison] = []
@@ -144,7 +177,7 @@ class Evaluator:
         states = {name: self.expr(init, base) for name, init in self.body.state}
         previous = None
         for _ in range(MAX_STEPS):
-            self.solved, self.solved_by, self.comparisons = {}, {}, []
+            self.comparisons = []  # solutions persist: a state carries its solved scale into the next step
             env = dict(base) | states
             for stmt in self.body.compute:
                 env[stmt.target] = self.guard(stmt.value, env)
@@ -157,19 +190,20 @@ class Evaluator:
                 total = self.compare(BinOp("+", self.body.direction, decay_term, loc=self.body.direction.loc),
                                      "decay", "effect", [direction, weight])
             new_states = {name: self.settle(env[name]) for name in states}
-            snapshot = (new_states, dict(self.solved))
+            snapshot = new_states
             if snapshot == previous:
                 free = sorted({s for v in env.values() for p in self.settle(v).parts for s in p.e.symbols})
-                return Outcome(env, self.settle(direction), self.settle(total), self.comparisons,
+                values = {name: self.settle(value) for name, value in env.items()}
+                return Outcome(values, self.settle(direction), self.settle(total), self.comparisons,
                                dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")])
             previous, states = snapshot, new_states
-        grown = [n for n in states if previous and previous[0].get(n) != states.get(n)]
+        grown = [n for n in states if previous and previous.get(n) != states.get(n)]
         raise CalculusError(f"{self.path}: state {', '.join(grown) or '?'} has no steady width scale: it keeps "
                             f"growing with width step after step")
 
     def settle(self, value: Value) -> Value:
         """``value`` with every solved hyperparameter exponent substituted."""
-        if not self.solved:
+        if not self.solved or all(not p.e.coef for p in value.parts):
             return value
         return Value(value.shape, tuple(Part(p.kind, p.e.subs(self.solved), p.nonneg, p.hypers)
                                         for p in value.parts))
@@ -229,10 +263,10 @@ class Evaluator:
 
     def call(self, node: Call, env: dict[str, Value]) -> Value:
         f, fn = self.frame, node.fn
-        if fn == "zeros":
-            return Value(self.expr(node.args[0], env).shape, ())
+        if fn == "zeros":  # only the argument's shape matters
+            return Value(self.checker.shape(node.args[0], in_init=True), ())
         if fn == "eye":
-            return Value(self.expr(node.args[0], env).shape, (Part("eye", ZERO, True),))
+            return Value(self.checker.shape(node.args[0], in_init=True), (Part("eye", ZERO, True),))
         args = [self.expr(a, env) for a in node.args]
         texts = [show_expr(a) for a in node.args]
         if fn == "sqrt":
@@ -275,15 +309,10 @@ class Evaluator:
     # -- balance points --------------------------------------------------------------------------------------
     def record(self, node: Expr, op: str, metric: str, values: list[Value], texts: list[str] | None = None,
                solved: tuple[tuple[str, Exp], ...] = ()) -> Comparison:
-        operands = _operands(node)
-        texts = texts or [show_expr(x) for x in operands]
-        terms = []
-        for value, text in zip(values, texts, strict=True):
-            shape = value.shape or next((v.shape for v in values if v.shape), ())
-            e = self.frame.metric(self.settle(self.frame.broadcast(value, shape)), metric)
-            terms.append(Term(text, e, value.hypers))
-        direct = frozenset().union(*(_direct_names(x) for x in operands))
-        comparison = Comparison(node.loc, show_expr(node), op, metric, tuple(terms), solved, direct)
+        shape = next((v.shape for v in values if v.shape), ())
+        sizes = tuple((self.frame.metric(self.settle(self.frame.broadcast(v, shape)), metric), v.hypers)
+                      for v in values)
+        comparison = Comparison(node, op, metric, sizes, solved, tuple(texts) if texts else None)
         self.comparisons.append(comparison)
         return comparison
 
@@ -315,10 +344,8 @@ class Evaluator:
         shape = next((v.shape for v in values if v.shape), ())
         live = [v for v in values if not v.is_zero]
         raw = [self.frame.metric(self.frame.broadcast(v, shape), metric) for v in live]
-        common = frozenset.intersection(*(v.hypers for v in live))
-        distinct = frozenset().union(*(v.hypers for v in live)) - common
-        if not distinct:
-            self.record(node, op, metric, values, texts)
+        if not any(s.startswith("hyper:") for e in raw[1:] for s in (e - raw[0]).symbols):
+            self.record(node, op, metric, values, texts)  # no hyperparameter sets the terms apart
             return
         solved: list[tuple[str, Exp]] = []
         for e in raw[1:]:

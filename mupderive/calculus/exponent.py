@@ -2,8 +2,9 @@
 
 Every quantity the calculus tracks scales as ``n^e`` with ``e`` affine in a few symbols: the fan exponents ``o``
 and ``i``, the forward-multiplier exponent ``m``, and the unknown exponents of hyperparameters. Coefficients are
-:class:`fractions.Fraction` (exact); :meth:`Exp.sympy` converts to sympy at the output boundary. Deciding which of
-two exponents is larger uses sign assumptions on the symbols; when they do not settle it, :class:`Undecidable`.
+sympy's exact rationals (``MPQ``, the ground type under ``sympy.Rational``), kept in a flat affine form because the
+calculus does only linear arithmetic and must be fast; :meth:`Exp.sympy` gives the sympy expression. Deciding which
+of two exponents is larger uses sign assumptions on the symbols; when they do not settle it, :class:`Undecidable`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ from collections.abc import Mapping
 from fractions import Fraction
 
 import sympy
+from sympy.external.gmpy import MPQ
+
+Rational = Fraction | int | MPQ
+
+
+def q(value: Rational) -> MPQ:
+    """An exact rational as sympy's ground rational type."""
+    if isinstance(value, MPQ):
+        return value
+    if isinstance(value, Fraction):
+        return MPQ(value.numerator, value.denominator)
+    return MPQ(value)
 
 
 class Undecidable(Exception):
@@ -27,13 +40,20 @@ class Exp:
 
     __slots__ = ("const", "coef")
 
-    def __init__(self, const: Fraction | int = 0, coef: Mapping[str, Fraction] | None = None) -> None:
-        self.const = Fraction(const)
-        self.coef: dict[str, Fraction] = {k: Fraction(v) for k, v in (coef or {}).items() if v != 0}
+    def __init__(self, const: Rational = 0, coef: Mapping[str, Rational] | None = None) -> None:
+        self.const = q(const)
+        self.coef: dict[str, MPQ] = {k: q(v) for k, v in (coef or {}).items() if v != 0}
+
+    @staticmethod
+    def _raw(const: MPQ, coef: dict[str, MPQ]) -> Exp:
+        """Trusted constructor: ``const`` an MPQ, ``coef`` MPQs without zeros (the hot path)."""
+        out = object.__new__(Exp)
+        out.const, out.coef = const, coef
+        return out
 
     @staticmethod
     def sym(name: str) -> Exp:
-        return Exp(0, {name: Fraction(1)})
+        return Exp._raw(_ZERO_Q, {name: _ONE_Q})
 
     @property
     def symbols(self) -> frozenset[str]:
@@ -42,54 +62,70 @@ class Exp:
     def is_const(self) -> bool:
         return not self.coef
 
-    def __add__(self, other: Exp | Fraction | int) -> Exp:
-        other = _lift(other)
+    def __add__(self, other: Exp | Rational) -> Exp:
+        if not isinstance(other, Exp):
+            return Exp._raw(self.const + q(other), self.coef)
+        if not other.coef:
+            return Exp._raw(self.const + other.const, self.coef)
         coef = dict(self.coef)
         for k, v in other.coef.items():
-            coef[k] = coef.get(k, Fraction(0)) + v
-        return Exp(self.const + other.const, coef)
+            total = coef.get(k, 0) + v
+            if total:
+                coef[k] = total
+            else:
+                coef.pop(k, None)
+        return Exp._raw(self.const + other.const, coef)
 
     __radd__ = __add__
 
     def __neg__(self) -> Exp:
-        return Exp(-self.const, {k: -v for k, v in self.coef.items()})
+        return Exp._raw(-self.const, {k: -v for k, v in self.coef.items()})
 
-    def __sub__(self, other: Exp | Fraction | int) -> Exp:
-        return self + (-_lift(other))
+    def __sub__(self, other: Exp | Rational) -> Exp:
+        if not isinstance(other, Exp):
+            return Exp._raw(self.const - q(other), self.coef)
+        if not other.coef:
+            return Exp._raw(self.const - other.const, self.coef)
+        return self + (-other)
 
-    def __rsub__(self, other: Exp | Fraction | int) -> Exp:
+    def __rsub__(self, other: Exp | Rational) -> Exp:
         return _lift(other) - self
 
-    def __mul__(self, k: Fraction | int) -> Exp:
+    def __mul__(self, k: Rational | Exp) -> Exp:
         if isinstance(k, Exp):
             if not k.is_const():
                 raise TypeError("exponents are affine: cannot multiply two symbolic exponents")
             k = k.const
-        k = Fraction(k)
-        return Exp(self.const * k, {s: v * k for s, v in self.coef.items()})
+        k = q(k)
+        if not k:
+            return ZERO
+        return Exp._raw(self.const * k, {s: v * k for s, v in self.coef.items()})
 
     __rmul__ = __mul__
 
-    def __truediv__(self, k: Fraction | int) -> Exp:
-        return self * (1 / Fraction(k))
+    def __truediv__(self, k: Rational | Exp) -> Exp:
+        k = k.const if isinstance(k, Exp) and k.is_const() else k
+        return self * (_ONE_Q / q(k))
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, int | Fraction):
-            other = Exp(other)
+        if isinstance(other, int | Fraction | MPQ):
+            return not self.coef and self.const == other
         return isinstance(other, Exp) and self.const == other.const and self.coef == other.coef
 
     def __hash__(self) -> int:
         return hash((self.const, tuple(sorted(self.coef.items()))))
 
-    def subs(self, values: Mapping[str, Exp | Fraction | int]) -> Exp:
-        out = Exp(self.const, {k: v for k, v in self.coef.items() if k not in values})
+    def subs(self, values: Mapping[str, Exp | Rational]) -> Exp:
+        if not self.coef or not any(k in values for k in self.coef):
+            return self
+        out = Exp._raw(self.const, {k: v for k, v in self.coef.items() if k not in values})
         for k, v in self.coef.items():
             if k in values:
                 out = out + _lift(values[k]) * v
         return out
 
-    def coefficient(self, name: str) -> Fraction:
-        return self.coef.get(name, Fraction(0))
+    def coefficient(self, name: str) -> MPQ:
+        return self.coef.get(name, _ZERO_Q)
 
     def sympy(self, symbols: Mapping[str, sympy.Expr] | None = None) -> sympy.Expr:
         """This exponent as an exact sympy expression (Rational when constant)."""
@@ -101,35 +137,48 @@ class Exp:
         return out
 
     def __str__(self) -> str:
-        return str(self.sympy())
+        """Compact text such as ``-1/2`` or ``1/2*o - i`` (no sympy round-trip: it is on hot paths)."""
+        pieces = []
+        for name in sorted(self.coef):
+            v = self.coef[name]
+            head = "-" if v < 0 else "+"
+            mag = abs(v)
+            pieces.append(f"{head} {name}" if mag == 1 else f"{head} {mag}*{name}")
+        if self.const or not pieces:
+            c = self.const
+            pieces.append(f"{'-' if c < 0 else '+'} {abs(c)}")
+        text = " ".join(pieces)
+        return text[2:] if text.startswith("+ ") else "-" + text[2:]
 
     __repr__ = __str__
 
 
-def _lift(value: Exp | Fraction | int) -> Exp:
+def _lift(value: Exp | Rational) -> Exp:
     return value if isinstance(value, Exp) else Exp(value)
 
 
 class Signs:
-    """Sign assumptions on symbols: each known symbol is ``+`` (positive) or ``0+`` (nonnegative)."""
+    """Sign assumptions on symbols: every symbol named here is nonnegative (``"0+"``)."""
 
     def __init__(self, assumptions: Mapping[str, str] | None = None) -> None:
         self.assumptions = dict(assumptions or {})
 
     def compare(self, a: Exp, b: Exp) -> int:
-        """-1, 0 or 1 as ``a`` is smaller than, equal to or larger than ``b`` for all admissible symbols."""
+        """-1, 0 or 1 as ``a`` is smaller than, equal to or larger than ``b`` for all admissible symbols.
+
+        Symbolic differences are settled when every term has one sign given the assumptions. A difference that is
+        only weakly signed (zero on a boundary such as fan_in = n^0) counts as strict: the larger side is never
+        smaller, so it can stand for the maximum, and structure decisions treat the boundary like the interior.
+        """
         diff = a - b
         if diff.is_const():
             return (diff.const > 0) - (diff.const < 0)
-        kinds = [self.assumptions.get(k) for k in diff.coef]
-        if None in kinds:
+        if any(k not in self.assumptions for k in diff.coef):
             raise Undecidable(diff)
         if diff.const >= 0 and all(v > 0 for v in diff.coef.values()):
-            if diff.const > 0 or any(kind == "+" for kind in kinds):
-                return 1
+            return 1
         if diff.const <= 0 and all(v < 0 for v in diff.coef.values()):
-            if diff.const < 0 or any(kind == "+" for kind in kinds):
-                return -1
+            return -1
         raise Undecidable(diff)
 
     def max(self, *exps: Exp) -> Exp:
@@ -147,5 +196,6 @@ class Signs:
         return best
 
 
+_ZERO_Q, _ONE_Q = MPQ(0), MPQ(1)
 ZERO = Exp(0)
-HALF = Fraction(1, 2)
+HALF = MPQ(1, 2)

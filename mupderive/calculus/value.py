@@ -66,6 +66,7 @@ class Frame:
     def __init__(self, dims: dict[str, Exp], signs: Signs) -> None:
         self.dims = dims
         self.signs = signs
+        self._halves: dict[Shape, tuple[Exp, Exp, Exp]] = {}
 
     # -- norms of one part -------------------------------------------------------------------------------------
     def pq(self, shape: Shape) -> tuple[Exp, Exp]:
@@ -75,21 +76,32 @@ class Frame:
             return self.dims[shape[0]], ZERO
         return self.dims[shape[0]], self.dims[shape[1]]
 
+    def halves(self, shape: Shape) -> tuple[Exp, Exp, Exp]:
+        """``(p + q)/2``, ``max(p, q)/2`` and ``p/2`` for a ``p x q`` shape (cached)."""
+        cached = self._halves.get(shape)
+        if cached is None:
+            p, q = self.pq(shape)
+            cached = self._halves[shape] = ((p + q) * HALF, self.signs.max(p, q) * HALF, p * HALF)
+        return cached
+
     def part_metric(self, part: Part, shape: Shape, metric: str) -> Exp | None:
         """Exponent of ``metric`` (rms, fro, spec, effect) of one part; None when the part contributes nothing."""
-        if part.kind == "scalar":
+        kind = part.kind
+        if kind == "scalar":
             return part.e
-        p, q = self.pq(shape)
-        half_sum = (p + q) * HALF
-        if part.kind == "outer":
-            return part.e - half_sum if metric == "rms" else part.e
-        if part.kind == "dense":
-            return {"rms": part.e, "fro": part.e + half_sum, "spec": part.e + self.signs.max(p, q) * HALF,
-                    "effect": part.e + p * HALF}[metric]
+        if kind == "outer":
+            return part.e - self.halves(shape)[0] if metric == "rms" else part.e
+        half_sum, half_max, half_p = self.halves(shape)
+        if kind == "dense":
+            if metric == "rms":
+                return part.e
+            return part.e + (half_sum if metric == "fro" else half_max if metric == "spec" else half_p)
         # eye / perp: eigenvalue e on a p-dimensional space
-        if metric == "effect" and part.kind == "perp":
+        if metric == "effect" and kind == "perp":
             return None
-        return {"rms": part.e - p * HALF, "fro": part.e + p * HALF, "spec": part.e, "effect": part.e}[metric]
+        if metric == "rms":
+            return part.e - half_p
+        return part.e + half_p if metric == "fro" else part.e
 
     def metric(self, value: Value, metric: str) -> Exp | None:
         """Exponent of ``metric`` of a value (the largest over its parts); None for zero."""

@@ -17,7 +17,7 @@ from mupderive.language.ir import BUILTINS, FUNCTIONS
 from mupderive.language.locate import Locator
 from mupderive.language.parse import Origin, parse_block, parse_expr
 from mupderive.language.rule import HYPER_ROLES, ROLES, Body, Hyper, Implementation, Rule, Value
-from mupderive.resources import builtin_rule_path, builtin_rule_names
+from mupderive.resources import builtin_rule_names, builtin_rule_path
 
 MAX_FILE = 64 * 1024
 _RULE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -27,7 +27,7 @@ _CLASS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _TOP = {"name", "title", "paper", "applies_to", "fallback", "implementation", "hyperparameters", "update"}
 _IMPL = {"class", "args", "fixed", "class_level", "note"}
 _HYPER = {"role", "default", "doc"}
-_BODY = {"state", "compute", "direction", "decay", "skip_first"}
+_BODY = {"state", "compute", "direction", "decay", "skip_first", "decay_first"}
 
 
 def load_rule(ref: str | Path) -> Rule:
@@ -220,7 +220,10 @@ class _Loader:
         decay_text = self.get(table, key + ("decay",), str, "a scalar expression", required=False)
         decay = parse_expr(decay_text, self.origin(key + ("decay",))) if decay_text else None
         skip_first = self.get(table, key + ("skip_first",), bool, "true or false", required=False) or False
-        body = Body(tuple(state), compute, direction, decay, skip_first)
+        decay_first = self.get(table, key + ("decay_first",), bool, "true or false", required=False) or False
+        if decay_first and decay is None:
+            raise self.fail(key + ("decay_first",), "decay_first without a decay", "decay = \"weight_decay\"")
+        body = Body(tuple(state), compute, direction, decay, skip_first, decay_first)
         Checker(self.path, hypers, kind if kind == "vector" else "matrix").body(body)
         return body
 

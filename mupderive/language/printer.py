@@ -58,9 +58,11 @@ def show_body(body: Body, indent: str = "  ") -> list[str]:
     lines = [f"{indent}state {name} = {show_expr(init)}" for name, init in body.state]
     if body.skip_first:
         lines.append(f"{indent}(the first step only initializes state)")
+    if body.decay_first:
+        lines.append(f"{indent}W <- W (1 - lr * {show_expr(body.decay)})  (decay first: the step below sees it)")
     lines += [f"{indent}{a.target} = {show_expr(a.value)}" for a in body.compute]
     lines.append(f"{indent}U = {show_expr(body.direction)}")
-    decay = f" (1 - lr * {show_expr(body.decay)})" if body.decay is not None else ""
+    decay = f" (1 - lr * {show_expr(body.decay)})" if body.decay is not None and not body.decay_first else ""
     lines.append(f"{indent}W <- W{decay} - lr * U")
     return lines
 

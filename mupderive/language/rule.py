@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from mupderive.language.ir import Assign, Expr
 
@@ -29,6 +30,8 @@ class Body:
 
     ``state`` holds initial values (evaluated at the first step); ``compute`` runs top to bottom each step, a state
     name read before its assignment meaning its previous value. With ``skip_first`` the first step only sets state.
+    The decoupled ``decay`` acts after the direction is computed, unless ``decay_first`` (then ``W`` in the
+    direction is the already-decayed weight, as in pytorch_optimizer's Lamb).
     """
 
     state: tuple[tuple[str, Expr], ...]
@@ -36,6 +39,7 @@ class Body:
     direction: Expr
     decay: Expr | None = None
     skip_first: bool = False
+    decay_first: bool = False
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -87,7 +91,7 @@ class Rule:
     def scale_hypers(self) -> tuple[Hyper, ...]:
         return tuple(h for h in self.hypers if h.role == "scale")
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """sha256 of the rule file's text: identifies exactly which rule a result came from."""
         return hashlib.sha256(self.source.encode()).hexdigest()

@@ -1,0 +1,174 @@
+"""The ``mupderive`` command line: declare -> derive -> generate -> verify.
+
+Each subcommand's work lives in its own module and is imported only when that subcommand runs, so ``--help`` and
+the symbolic commands start without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from collections.abc import Sequence
+
+from mupderive.errors import MupError
+
+EPILOG = """\
+RULE is a built-in name (see `mupderive list`) or a path to a rule file (.toml); see the README's rule-file
+reference. Exponents are powers of the width n: -1/2 means "scales as 1/sqrt(n)".
+
+examples:
+  mupderive list
+  mupderive derive adamw                       # per-layer exponents (TP-V Table 3 convention)
+  mupderive derive adamw --convention mup-package --format json
+  mupderive explain lamb --layer hidden        # the derivation step by step
+  mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
+  mupderive oracle sophia                      # measure the real optimizer at several widths
+  mupderive coord-check adam --model gpt       # coordinate check on a real model
+  mupderive transfer adamw --store sweep.db    # learning-rate transfer sweep
+"""
+
+
+def _rule_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rule", metavar="RULE", help="built-in rule name or path to a rule file")
+
+
+def _convention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--convention", default="spectral", choices=["spectral", "mup-package"],
+                   help="spectral: all multipliers 1 (TP-V Table 3); mup-package: readout multiplier "
+                        "1/width_mult as the mup package does (default: spectral)")
+    p.add_argument("--fix", action="append", default=[], metavar="ROLE.KNOB=EXP",
+                   help="fix a knob's width exponent and solve the rest, e.g. --fix output.multiplier=-1; "
+                        "ROLE in input|hidden|output|vector, KNOB in multiplier|init_std|lr (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="FLAG=true|false",
+                   help="choose a boolean option of the rule, e.g. --set nesterov=true (repeatable)")
+
+
+def _verify_args(p: argparse.ArgumentParser, widths: str) -> None:
+    p.add_argument("--widths", default=widths, help=f"comma-separated widths (default: {widths})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run: auto picks CUDA when available (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mupderive", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Derive muP width-scaling rules for any optimizer from its declared update rule, generate "
+                    "PyTorch modules that apply them, and verify them by measurement.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("list", help="list the built-in rules", formatter_class=fmt,
+                       description="List the built-in rules: name, title, paper and the implementation mirrored.")
+    p.add_argument("--format", default="table", choices=["table", "json"])
+
+    p = sub.add_parser("show", help="print a parsed rule", formatter_class=fmt,
+                       description="Parse and check a rule file and pretty-print it (hyperparameters with roles, "
+                                   "state, the update program, the mirrored implementation).")
+    _rule_arg(p)
+
+    p = sub.add_parser("derive", help="derive the width exponents of a rule", formatter_class=fmt,
+                       description="Width exponents per layer role (input, hidden, output, vector): multiplier, "
+                                   "init std, learning rate and every scale-carrying hyperparameter, with what "
+                                   "breaks if a hyperparameter is kept fixed, and general formulas in "
+                                   "fan_in/fan_out.")
+    _rule_arg(p)
+    _convention_args(p)
+    p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"],
+                   help="table (terminal), json (the mupderive.derivation/1 contract), markdown, latex")
+
+    p = sub.add_parser("explain", help="explain a derivation step by step", formatter_class=fmt,
+                       description="The derivation for one layer as a researcher would write it: the layer's "
+                                   "state, the scale of each quantity of the rule, each balance point and the "
+                                   "exponent it fixes, the learning rate from the spectral condition, the "
+                                   "symmetry degree kappa, and the diagnosis for fixed hyperparameters.")
+    _rule_arg(p)
+    _convention_args(p)
+    p.add_argument("--layer", default=None, metavar="ROLE",
+                   help="input, hidden, output or vector (default: all four)")
+    p.add_argument("--format", default="text", choices=["text", "markdown"])
+
+    p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,
+                       description="Render the templates into one Python module that applies the derived rules "
+                                   "to any model (given a smaller base model) and builds the real optimizer with "
+                                   "per-layer settings. It imports torch and the mirrored library, never "
+                                   "mupderive.")
+    _rule_arg(p)
+    _convention_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE.py", help="where to write the module")
+
+    p = sub.add_parser("oracle", help="measure the real optimizer against the derivation", formatter_class=fmt,
+                       description="Run the real implementation the rule mirrors on synthetic layer states at "
+                                   "several widths, fit log-log slopes of |dW|_*, |dW|_F, rms(dW), |dW x|/|x| and "
+                                   "every compared term, and compare with the symbolic prediction (also for each "
+                                   "hyperparameter kept fixed).")
+    _rule_arg(p)
+    _verify_args(p, "64,128,256,512,1024")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per width (default: 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=0.1, help="allowed |slope - prediction| (default: 0.1)")
+    p.add_argument("--format", default="table", choices=["table", "json"])
+    p.add_argument("--out", default=None, metavar="DIR", help="write JSON and a log-log plot (PNG) here")
+
+    p = sub.add_parser("coord-check", help="coordinate check on a real model", formatter_class=fmt,
+                       description="Train a few steps at increasing widths with the generated module and check "
+                                   "that every layer's activations and their changes keep their scale (fitted "
+                                   "slope near the prediction). Exit 0 only if every layer passes.")
+    _rule_arg(p)
+    _verify_args(p, "64,128,256,512")
+    p.add_argument("--model", default="mlp", choices=["mlp", "gpt"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG plots here")
+
+    p = sub.add_parser("transfer", help="learning-rate transfer sweep", formatter_class=fmt,
+                       description="Train across widths and learning rates with the generated module, store every "
+                                   "run in SQLite as it finishes (resumable), and report the best learning rate "
+                                   "per width and its drift across widths.")
+    _rule_arg(p)
+    _verify_args(p, "64,128,256,512")
+    p.add_argument("--model", default="gpt", choices=["mlp", "gpt"])
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: a log2 grid around the "
+                                               "rule's default lr)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE", help="SQLite results store")
+    p.add_argument("--out", default=None, metavar="DIR", help="write the plot (PNG) and tables here")
+    return parser
+
+
+COMMANDS = {
+    "list": "mupderive.commands:list_rules",
+    "show": "mupderive.commands:show",
+    "derive": "mupderive.commands:derive",
+    "explain": "mupderive.commands:explain",
+    "generate": "mupderive.codegen.generate:command",
+    "oracle": "mupderive.verify.oracle:command",
+    "coord-check": "mupderive.verify.coord_check:command",
+    "transfer": "mupderive.verify.transfer:command",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one subcommand; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    module, func = COMMANDS[args.command].split(":")
+    try:
+        return getattr(importlib.import_module(module), func)(args) or 0
+    except MupError as exc:
+        message = str(exc).replace("\n", " ")
+        located = re.match(r"^\S+:\d+:\d+: ", message)
+        print(message if located else f"mupderive: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mupderive: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

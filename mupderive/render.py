@@ -1,0 +1,103 @@
+"""A derivation as a terminal table, markdown or LaTeX (JSON is :meth:`Derivation.to_json`)."""
+
+from __future__ import annotations
+
+import sympy
+
+from mupderive.derivation import Derivation
+
+KNOB_COLUMNS = ("multiplier", "init_std", "lr")
+
+
+def _columns(d: Derivation) -> list[str]:
+    hypers = []
+    for layer in d.layers.values():
+        hypers += [h for h in layer.hyper if h not in hypers]
+    return [*KNOB_COLUMNS, *hypers]
+
+
+def _cell(d: Derivation, role: str, column: str) -> sympy.Rational | None:
+    return d.layers[role].exponents().get(column)
+
+
+def _header(d: Derivation) -> str:
+    kappa = d.kappa
+    kappa_text = str(kappa) if not isinstance(kappa, dict) else ", ".join(f"{r} {k}" for r, k in kappa.items())
+    fixes = f"; fixed: {', '.join(f'{f.role}.{f.knob}={f.value}' for f in d.fixes)}" if d.fixes else ""
+    return f"{d.rule.name} ({d.rule.title}), convention {d.convention}{fixes}; kappa = {kappa_text}"
+
+
+def _rule_for(d: Derivation, role: str) -> str:
+    return "" if d.layers[role].rule == d.rule.name else f" ({d.layers[role].rule})"
+
+
+def text_table(d: Derivation) -> str:
+    """Plain-text table for the terminal."""
+    columns = _columns(d)
+    rows = [["role", *columns]]
+    for role in d.layers:
+        rows.append([role + _rule_for(d, role), *(_fmt(_cell(d, role, c)) for c in columns)])
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = [_header(d), "width exponents E (each quantity scales as n^E; '-' = not used by that layer's rule):"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    if d.formulas:
+        lines.append("general formulas (multiplier 1, where the rule applies):")
+        lines += [f"  {q} ~ {f}" for q, f in d.formulas.items()]
+    lines.append("if kept fixed (width-independent) instead:")
+    for role, layer in d.layers.items():
+        for name, regime in layer.if_fixed.items():
+            if regime.lr != layer.lr or layer.hyper[name] != 0:
+                lines.append(f"  {role}.{name}: {regime.text}")
+    notes = sorted({f"{role}: {n}" for role, layer in d.layers.items() for n in layer.notes})
+    if notes:
+        lines.append("notes:")
+        lines += [f"  {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def markdown_table(d: Derivation) -> str:
+    """A markdown table (for READMEs and notebooks)."""
+    columns = _columns(d)
+    lines = [f"**{_header(d)}**", "", "| role | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for role in d.layers:
+        cells = " | ".join(_fmt(_cell(d, role, c), math=True) for c in columns)
+        lines.append(f"| {role}{_rule_for(d, role)} | {cells} |")
+    if d.formulas:
+        lines += ["", "General formulas: " + "; ".join(f"`{q}` ∝ `{f}`" for q, f in d.formulas.items())]
+    return "\n".join(lines)
+
+
+def latex_table(d: Derivation, display: bool = False) -> str:
+    """A LaTeX tabular of ``n^{E}`` entries (``display`` wraps it for Jupyter's MathJax)."""
+    columns = _columns(d)
+    head = " & ".join(["\\text{role}", *(f"\\text{{{c.replace('_', chr(92) + '_')}}}" for c in columns)])
+    body = []
+    for role in d.layers:
+        cells = [_latex(_cell(d, role, c)) for c in columns]
+        body.append(" & ".join([f"\\text{{{role}}}", *cells]) + " \\\\")
+    table = "\\begin{array}{l" + "c" * len(columns) + "}\n" + head + " \\\\\n\\hline\n" + "\n".join(body) + \
+        "\n\\end{array}"
+    if not display:
+        return table.replace("array", "tabular").replace("\\text", "\\textrm")
+    return f"$$\\text{{{d.rule.name}, {d.convention}}}\\qquad {table}$$"
+
+
+def _fmt(value: sympy.Rational | None, math: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"n^{value}" if math else str(value)
+
+
+def _latex(value: sympy.Rational | None) -> str:
+    return "-" if value is None else f"n^{{{sympy.latex(value)}}}"
+
+
+def rules_table(rows: list[dict[str, str]]) -> str:
+    """The ``mupderive list`` table."""
+    keys = ["name", "title", "implementation", "paper"]
+    table = [keys] + [[r[k] for k in keys] for r in rows]
+    widths = [max(len(r[k]) for r in table) for k in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+                     for r in table)
+
