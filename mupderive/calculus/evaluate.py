@@ -42,6 +42,7 @@ class Layer:
     m: Exp
     init: Exp | None  # None: zero init
     vector: bool = False
+    grad_shift: Exp = ZERO  # extra width exponent of the backpropagated gradient (0 under the spectral condition)
 
     @property
     def shape(self) -> tuple[str, ...]:
@@ -50,7 +51,7 @@ class Layer:
     @property
     def grad_norm(self) -> Exp:
         """``|G|_*`` (= ``|G|_F``): ``|delta| |x| = n^{-o/2} n^{i/2}``, times the multiplier."""
-        return (self.i - self.o) * HALF + self.m
+        return (self.i - self.o) * HALF + self.m + self.grad_shift
 
     @property
     def target(self) -> Exp:

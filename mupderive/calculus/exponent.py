@@ -24,6 +24,8 @@ def q(value: Rational) -> MPQ:
         return value
     if isinstance(value, Fraction):
         return MPQ(value.numerator, value.denominator)
+    if isinstance(value, sympy.Rational):
+        return MPQ(int(value.p), int(value.q))
     return MPQ(value)
 
 
