@@ -217,15 +217,11 @@ class Frame:
                                   self.metric(self.broadcast(b, shape), "rms"))
 
     def maximum(self, a: Value, b: Value) -> Value:
-        """Elementwise max: the larger magnitude wins; equal orders mix."""
+        """Elementwise max: the larger magnitude wins; equal orders mix; a nonnegative operand makes it nonnegative."""
         order = self.dominance(a, b)
         shape = a.shape or b.shape
-        if order > 0:
-            return self.broadcast(a, shape)
-        if order < 0:
-            return self.broadcast(b, shape)
-        mixed = self.add(a, b)
-        return Value(mixed.shape, tuple(replace(p, nonneg=a.nonneg or b.nonneg) for p in mixed.parts))
+        out = self.broadcast(a, shape) if order > 0 else self.broadcast(b, shape) if order < 0 else self.add(a, b)
+        return Value(out.shape, tuple(replace(p, nonneg=a.nonneg or b.nonneg) for p in out.parts))
 
     def minimum(self, a: Value, b: Value) -> Value:
         """Elementwise min of magnitudes: the smaller wins; equal orders mix."""
