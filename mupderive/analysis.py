@@ -1,8 +1,8 @@
 """Predicted coordinate-check slopes of a parameterization after one step, for a chain of layers.
 
-A parameterization gives each role a multiplier ``n^m``, an init std ``n^b`` and a learning rate ``n^c`` (hyperparameters
-either at their derived exponents or fixed). For each layer of a chain ``input -> hidden ... -> output`` the first
-update changes its output features by
+A parameterization gives each role a multiplier ``n^m``, an init std ``n^b`` and a learning rate ``n^c``
+(hyperparameters either at their derived exponents or fixed). For each layer of a chain
+``input -> hidden ... -> output`` the first update changes its output features by
 
     own:         m + c + effect(U) - (o - i)/2         (the layer's own update on its batch-aligned input)
     propagated:  m + b + i/2 + change of the layer's input   (its initial weights acting on the changed input)
@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.evaluate import Layer
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.derivation import derive, rational
 from mupderive.language.load import load_rule

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fan_in/fan_out.")
     _rule_arg(p)
     _convention_args(p)
+    p.add_argument("--layer", action="append", default=[], metavar="NAME=O,I",
+                   help="also derive a matrix whose fan_out ~ n^O and fan_in ~ n^I, e.g. --layer ffn=1/2,1 "
+                        "(repeatable)")
     p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"],
                    help="table (terminal), json (the mupderive.derivation/1 contract), markdown, latex")
 
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _rule_arg(p)
     _convention_args(p)
     p.add_argument("--layer", default=None, metavar="ROLE",
-                   help="input, hidden, output or vector (default: all four)")
+                   help="input, hidden, output or vector, or NAME=O,I for a matrix with fan_out ~ n^O and "
+                        "fan_in ~ n^I (default: the four roles)")
     p.add_argument("--format", default="text", choices=["text", "markdown"])
 
     p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,

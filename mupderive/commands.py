@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from fractions import Fraction
 
+from mupderive.derivation import Derivation
 from mupderive.derivation import derive as derive_rule
 from mupderive.errors import MupError
 from mupderive.explain import explain as explain_derivation
@@ -41,13 +44,20 @@ def _options(pairs: list[str]) -> dict[str, bool]:
     return options
 
 
-def _derivation(args: argparse.Namespace):
+def _layer(text: str) -> tuple[str, tuple[Fraction, Fraction]]:
+    match = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+(?:/\d+)?)\s*,\s*(\d+(?:/\d+)?)\s*", text)
+    if not match:
+        raise MupError(f"--layer {text!r}: expected NAME=O,I with nonnegative exponents, e.g. ffn=1/2,1")
+    return match.group(1), (Fraction(match.group(2)), Fraction(match.group(3)))
+
+
+def _derivation(args: argparse.Namespace, layers: list[str]) -> Derivation:
     fixes = [parse_fix(text) for text in args.fix]
-    return derive_rule(load_rule(args.rule), args.convention, fixes, _options(args.set))
+    return derive_rule(load_rule(args.rule), args.convention, fixes, _options(args.set), dict(map(_layer, layers)))
 
 
 def derive(args: argparse.Namespace) -> int:
-    d = _derivation(args)
+    d = _derivation(args, args.layer)
     render = {"table": text_table, "markdown": markdown_table, "latex": latex_table,
               "json": lambda x: json.dumps(x.to_json(), indent=2)}[args.format]
     print(render(d))
@@ -55,8 +65,10 @@ def derive(args: argparse.Namespace) -> int:
 
 
 def explain(args: argparse.Namespace) -> int:
-    if args.layer is not None and args.layer not in ROLES:
-        raise MupError(f"--layer {args.layer!r}: expected one of {', '.join(ROLES)}")
-    d = _derivation(args)
-    print(explain_derivation(d, [args.layer] if args.layer else None, markdown=args.format == "markdown"))
+    custom = args.layer is not None and "=" in args.layer
+    if args.layer is not None and not custom and args.layer not in ROLES:
+        raise MupError(f"--layer {args.layer!r}: expected one of {', '.join(ROLES)} or NAME=O,I")
+    d = _derivation(args, [args.layer] if custom else [])
+    roles = [_layer(args.layer)[0] if custom else args.layer] if args.layer else list(ROLES)
+    print(explain_derivation(d, roles, markdown=args.format == "markdown"))
     return 0

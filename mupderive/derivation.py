@@ -19,6 +19,7 @@ from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Rule
 from mupderive.solver import (
     CONVENTIONS,
+    FANS,
     Balanced,
     Fix,
     Regime,
@@ -127,19 +128,30 @@ def _layer_json(layer: LayerDerivation) -> dict:
 
 
 def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
-           options: dict[str, bool] | None = None) -> Derivation:
-    """Derive every layer role's exponents for ``rule`` (a :class:`Rule`, built-in name or file path)."""
+           options: dict[str, bool] | None = None, layers: dict[str, tuple[Fraction, Fraction]] | None = None
+           ) -> Derivation:
+    """Derive every layer role's exponents for ``rule`` (a :class:`Rule`, built-in name or file path).
+
+    ``layers`` adds matrices with any fan exponents, e.g. ``{"ffn": (1, 1), "bottleneck": (Fraction(1, 2), 1)}``;
+    they use the rule that covers hidden matrices.
+    """
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
     if convention not in CONVENTIONS:
         raise MupError(f"unknown convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
     fallback = load_rule(rule.fallback) if rule.fallback else None
-    layers = {}
-    for role in ROLES:
-        applied = rule if role in rule.applies_to else fallback
-        flags = _flags(applied, options)
+    fans = {role: (Exp(o), Exp(i)) for role, (o, i) in FANS.items()}
+    for name, (o, i) in (layers or {}).items():
+        if name in ROLES or Fraction(o) < 0 or Fraction(i) < 0:
+            raise MupError(f"layer {name!r} with fans ({o}, {i}): expected a new name and nonnegative exponents")
+        fans[name] = (Exp(Fraction(o)), Exp(Fraction(i)))
+    results = {}
+    for role, role_fans in fans.items():
+        covered = role if role in ROLES else "hidden"
+        applied = rule if covered in rule.applies_to else fallback
         knobs = {f.knob: Exp(f.value) for f in fixes if f.role == role}
-        layers[role] = _derive_layer(applied, role, CONVENTIONS[convention].get(role, Fraction(0)), knobs, flags)
-    return Derivation(rule, convention, tuple(fixes), layers, general_formulas(rule, _flags(rule, options)))
+        m0 = CONVENTIONS[convention].get(role, Fraction(0))
+        results[role] = _derive_layer(applied, role, m0, knobs, _flags(applied, options), role_fans)
+    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, _flags(rule, options)))
 
 
 def _flags(rule: Rule, options: dict[str, bool] | None) -> dict[str, bool]:
@@ -150,10 +162,10 @@ def _flags(rule: Rule, options: dict[str, bool] | None) -> dict[str, bool]:
     return flags
 
 
-def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], flags: dict[str, bool]
-                  ) -> LayerDerivation:
+def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], flags: dict[str, bool],
+                  fans: tuple[Exp, Exp]) -> LayerDerivation:
     signs = Signs()
-    probe = make_layer(role, ZERO)
+    probe = make_layer(role, ZERO, fans=fans)
     bound0 = init_bound(probe.o, probe.i, ZERO, signs)
     m = knobs.get("multiplier", Exp(m0))
     init = None
@@ -168,9 +180,9 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
             init = knobs["init_std"]
         else:
             m = bound0 - knobs["init_std"]  # keep the init at the spectral bound by moving the multiplier
-    balanced = balance_layer(rule, make_layer(role, m, init), flags)
-    shifted = balance_layer(rule, make_layer(role, m + 1), flags)
-    at_bound = balanced if init is None else balance_layer(rule, make_layer(role, m), flags)
+    balanced = balance_layer(rule, make_layer(role, m, init, fans=fans), flags)
+    shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans), flags)
+    at_bound = balanced if init is None else balance_layer(rule, make_layer(role, m, fans=fans), flags)
     kappa = at_bound.lr - shifted.lr  # abc-symmetry: init moves with the multiplier
     if "lr" in knobs and knobs["lr"] != balanced.lr:
         if "multiplier" in knobs or "init_std" in knobs or kappa == ZERO:
@@ -178,8 +190,8 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
                            f"gives lr = n^{balanced.lr}" + (" (kappa = 0: no multiplier can change it)"
                                                             if kappa == ZERO else ""))
         m = m + (balanced.lr - knobs["lr"]) / kappa.const
-        balanced = balance_layer(rule, make_layer(role, m), flags)
-        shifted = balance_layer(rule, make_layer(role, m + 1), flags)
+        balanced = balance_layer(rule, make_layer(role, m, fans=fans), flags)
+        shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans), flags)
     regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in rule.scale_hypers}
     notes = list(balanced.notes)
     notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in rule.scale_hypers
