@@ -6,6 +6,7 @@ A rule file is data: its expressions go through :mod:`mupderive.language.parse` 
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -41,10 +42,15 @@ def load_rule(ref: str | Path) -> Rule:
                         f"a built-in name ({', '.join(builtin_rule_names())}) or a path to a .toml file")
     if path.is_dir():
         raise RuleError(ref_text, 1, 1, "is a directory", "a rule file")
-    if path.stat().st_size > MAX_FILE:
-        raise RuleError(ref_text, 1, 1, f"file is {path.stat().st_size} bytes", f"at most {MAX_FILE} bytes")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:  # bounded read: stat sizes lie for devices such as /dev/zero
+            data = file.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise RuleError(ref_text, 1, 1, f"cannot read it ({exc.strerror or exc})", "a readable rule file") from None
+    if len(data) > MAX_FILE:
+        raise RuleError(ref_text, 1, 1, f"file is larger than {MAX_FILE} bytes", f"at most {MAX_FILE} bytes")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RuleError(ref_text, 1, 1, f"not UTF-8 text ({exc.reason})", "a UTF-8 TOML file") from None
     return parse_rule(text, path)
@@ -69,7 +75,11 @@ class _Loader:
     def _toml_error(self, exc: tomllib.TOMLDecodeError) -> RuleError:
         message = str(exc)
         match = re.search(r"\(at line (\d+), column (\d+)\)", message)
-        line, col = (int(match.group(1)), int(match.group(2))) if match else (1, 1)
+        if match:
+            line, col = int(match.group(1)), int(match.group(2))
+        else:  # "at end of document"
+            lines = self.text.split("\n")
+            line, col = len(lines), len(lines[-1]) + 1
         what = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
         return RuleError(self.path, line, col, f"TOML error: {what}", "valid TOML (https://toml.io)")
 
@@ -145,6 +155,8 @@ class _Loader:
             if role != "width-free" and not _is_number(default):
                 raise self.fail(key + ("default",), f"{role} hyperparameter {name!r} needs a numeric default",
                                 "a number")
+            if isinstance(default, float) and not math.isfinite(default):
+                raise self.fail(key + ("default",), f"default of {name!r} is {default}", "a finite number")
             doc = self.get(spec, key + ("doc",), str, "a one-line description", required=False) or ""
             out.append(Hyper(name, role, default, doc))
         lrs = [h.name for h in out if h.role == "lr"]
@@ -187,18 +199,26 @@ class _Loader:
         note = self.get(table, key + ("note",), str, "free text", required=False) or ""
         return Implementation(cls, tuple(args.items()), tuple(fixed.items()), tuple(class_level), note)
 
-    def origin(self, key: tuple[str, ...]) -> Origin:
-        """Where the text of the string value at ``key`` starts (inside its quotes)."""
+    def origin(self, key: tuple[str, ...], value: str) -> Origin:
+        """Where the text of the string ``value`` at ``key`` starts (inside its quotes).
+
+        Inexact (every location at the string's start) when the file text there is not ``value`` verbatim, as with
+        escapes in a basic string or a key the locator did not find.
+        """
         if key not in self.where.where:
             loc = self.where(*key)
-            return Origin(self.path, loc.line, loc.col)
+            return Origin(self.path, loc.line, loc.col, exact=False)
         loc = self.where.where[key]
-        line = self.text.split("\n")[loc.line - 1]
+        lines = self.text.split("\n")
+        line = lines[loc.line - 1]
         if line[loc.col - 1:loc.col + 2] in ('"""', "'''"):
-            if not line[loc.col + 2:].strip():
-                return Origin(self.path, loc.line + 1, 1)
-            return Origin(self.path, loc.line, loc.col + 3)
-        return Origin(self.path, loc.line, loc.col + 1)
+            # TOML drops a line break right after the opening delimiter.
+            start = (loc.line + 1, 1) if line[loc.col + 2:] in ("", "\r") else (loc.line, loc.col + 3)
+        else:
+            start = (loc.line, loc.col + 1)
+        offset = sum(len(prior) + 1 for prior in lines[:start[0] - 1]) + start[1] - 1
+        raw = self.text[offset:offset + 2 * len(value) + 1].replace("\r\n", "\n")
+        return Origin(self.path, *start, exact=raw.startswith(value))
 
     def body(self, table: dict[str, Any], key: tuple[str, ...], hypers: tuple[Hyper, ...], kind: str) -> Body:
         self.unknown(table, _BODY | ({"vector"} if kind == "matrix" else set()), key)
@@ -212,13 +232,13 @@ class _Loader:
                                 "an identifier not used by a builtin, function or hyperparameter")
             if not isinstance(init, str):
                 raise self.fail(skey, f"state {name!r} needs an initial value", "an expression such as \"zeros(G)\"")
-            state.append((name, parse_expr(init, self.origin(skey))))
+            state.append((name, parse_expr(init, self.origin(skey, init))))
         compute_text = self.get(table, key + ("compute",), str, "assignments, one per line", required=False)
-        compute = parse_block(compute_text, self.origin(key + ("compute",))) if compute_text else ()
+        compute = parse_block(compute_text, self.origin(key + ("compute",), compute_text)) if compute_text else ()
         direction_text = self.get(table, key + ("direction",), str, "the update direction U (W <- W - lr U)")
-        direction = parse_expr(direction_text, self.origin(key + ("direction",)))
+        direction = parse_expr(direction_text, self.origin(key + ("direction",), direction_text))
         decay_text = self.get(table, key + ("decay",), str, "a scalar expression", required=False)
-        decay = parse_expr(decay_text, self.origin(key + ("decay",))) if decay_text else None
+        decay = parse_expr(decay_text, self.origin(key + ("decay",), decay_text)) if decay_text else None
         skip_first = self.get(table, key + ("skip_first",), bool, "true or false", required=False) or False
         decay_first = self.get(table, key + ("decay_first",), bool, "true or false", required=False) or False
         if decay_first and decay is None:

@@ -13,7 +13,7 @@ from mupderive.language.ir import Loc
 
 _KEY = r'(?:[A-Za-z0-9_-]+|"[^"\n]*"|\'[^\'\n]*\')'
 _DOTTED = rf"{_KEY}(?:\s*\.\s*{_KEY})*"
-_HEADER = re.compile(rf"^\s*\[\s*({_DOTTED})\s*\]")
+_HEADER = re.compile(rf"^\s*\[\[?\s*({_DOTTED})\s*\]")  # [table] and [[array-of-tables]]
 _ASSIGN = re.compile(rf"\s*({_DOTTED})\s*=\s*")
 
 

@@ -7,6 +7,7 @@ The text is only ever *parsed* (``ast.parse``), never compiled or evaluated. Any
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -31,14 +32,21 @@ _BINOPS: dict[type, str] = {
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a piece of expression text sits in its file: path, and the file position of the text's first char."""
+    """Where a piece of expression text sits in its file: path, and the file position of the text's first char.
+
+    ``exact`` is False when text positions do not map to file positions (a TOML string with escapes): then every
+    location is the text's start.
+    """
 
     path: str
     line: int
     col: int
+    exact: bool = True
 
     def at(self, line: int, col: int) -> Loc:
         """File location of (1-based line, 0-based col) inside the text."""
+        if not self.exact:
+            return Loc(self.line, self.col)
         if line == 1:
             return Loc(self.line, self.col + col)
         return Loc(self.line + line - 1, col + 1)
@@ -51,9 +59,12 @@ def parse_expr(text: str, origin: Origin) -> Expr:
     """Parse one expression (e.g. ``m / (sqrt(v) + eps)``) into IR."""
     _check_text(text, origin)
     # Parenthesised so surrounding spaces and line breaks are harmless; the origin shifts left by that one "(".
-    shifted = Origin(origin.path, origin.line, origin.col - 1)
-    tree = _ast_parse(f"({text}\n)", shifted, "eval")
-    return _Converter(shifted).expr(tree.body, depth=0)
+    shifted = Origin(origin.path, origin.line, origin.col - 1) if origin.exact else origin
+    # Syntax errors placed on the wrapping parentheses (``u +``, ``u)``, ``sqrt(u``) are moved into the text.
+    first, last = len(text) - len(text.lstrip()), len(text.rstrip()) - 1
+    start = _wrapped(text, first)
+    tree = _ast_parse(f"({text}\n)", shifted, "eval", (start, _wrapped(text, last)))
+    return _Converter(shifted, start).expr(tree.body, depth=0)
 
 
 def parse_block(text: str, origin: Origin) -> tuple[Assign, ...]:
@@ -80,19 +91,35 @@ def _check_text(text: object, origin: Origin) -> None:
         raise origin.error(origin.at(1, 0), "expected a string", "an expression in quotes")
     if len(text) > MAX_TEXT:
         raise origin.error(origin.at(1, 0), f"expression is {len(text)} characters long", f"at most {MAX_TEXT}")
-    if "\x00" in text:
-        raise origin.error(origin.at(1, 0), "NUL character in expression", "plain text")
-    if not text.strip():
-        raise origin.error(origin.at(1, 0), "empty expression", "an expression")
+    if not any(line.split("#", 1)[0].strip() for line in text.split("\n")):
+        raise origin.error(origin.at(1, 0), "empty expression", "an expression (not only a comment)")
+    # ASCII outside comments: Python would NFKC-fold non-ASCII names into ASCII ones and count columns in bytes.
+    for number, line in enumerate(text.split("\n"), start=1):
+        code = len(line.split("#", 1)[0])
+        for col, ch in enumerate(line):
+            if ch == "\x00" or "\ud800" <= ch <= "\udfff" or (col < code and not ch.isascii()):
+                raise origin.error(origin.at(number, col), f"character {ch!r} is not allowed",
+                                   "ASCII text (other characters only in # comments)")
 
 
-def _ast_parse(src: str, origin: Origin, mode: str) -> ast.AST:
+def _wrapped(text: str, index: int) -> tuple[int, int]:
+    """(1-based line, 0-based col) of ``text[index]`` inside ``"(" + text``."""
+    line = text.count("\n", 0, index) + 1
+    col = index - (text.rfind("\n", 0, index) + 1)
+    return line, col + 1 if line == 1 else col
+
+
+def _ast_parse(src: str, origin: Origin, mode: str,
+               bounds: tuple[tuple[int, int], tuple[int, int]] | None = None) -> ast.AST:
     try:
-        return ast.parse(src, mode=mode)
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" (`1if`): the CLI prints one line only
+            warnings.simplefilter("ignore")
+            return ast.parse(src, mode=mode)
     except SyntaxError as exc:
-        line = exc.lineno or 1
-        col = max((exc.offset or 1) - 1, 0)
-        raise origin.error(origin.at(line, col), f"syntax error: {exc.msg}", "a Python-like expression") from None
+        pos = (exc.lineno or 1, max((exc.offset or 1) - 1, 0))
+        if bounds is not None:
+            pos = max(bounds[0], min(pos, bounds[1]))
+        raise origin.error(origin.at(*pos), f"syntax error: {exc.msg}", "a Python-like expression") from None
     except (RecursionError, MemoryError, ValueError):
         raise origin.error(origin.at(1, 0), "expression is too deeply nested",
                            f"at most {MAX_DEPTH} levels") from None
@@ -106,12 +133,13 @@ def _check_identifier(name: str, origin: Origin, loc: Loc) -> None:
 class _Converter:
     """Turns whitelisted ``ast`` nodes into IR, counting nodes and depth."""
 
-    def __init__(self, origin: Origin) -> None:
+    def __init__(self, origin: Origin, start: tuple[int, int] = (1, 0)) -> None:
         self.origin = origin
+        self.start = start  # nodes (a tuple) that begin on parse_expr's wrapping "(" are placed at the text's start
         self.nodes = 0
 
     def loc(self, node: ast.AST) -> Loc:
-        return self.origin.at(getattr(node, "lineno", 1), getattr(node, "col_offset", 0))
+        return self.origin.at(*max(self.start, (getattr(node, "lineno", 1), getattr(node, "col_offset", 0))))
 
     def fail(self, node: ast.AST, what: str, expected: str) -> RuleError:
         return self.origin.error(self.loc(node), what, expected)
@@ -143,6 +171,7 @@ class _Converter:
             if not isinstance(node.test, ast.Name):
                 raise self.fail(node.test, "condition must be a boolean hyperparameter",
                                 "`a if flag else b` with flag a name")
+            _check_identifier(node.test.id, self.origin, self.loc(node.test))
             return Cond(node.test.id, self.expr(node.body, d), self.expr(node.orelse, d), loc=loc)
         raise self.fail(node, f"{_describe(node)} is not allowed",
                         "numbers, names, + - * / ** @, .T, `a if flag else b` and the rule-language functions")

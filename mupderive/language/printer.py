@@ -34,8 +34,9 @@ def _show(expr: Expr) -> tuple[str, int]:
         return expr.id, _ATOM
     if isinstance(expr, Call):
         return f"{expr.fn}({', '.join(show_expr(a) for a in expr.args)})", _ATOM
-    if isinstance(expr, Transpose):
-        return f"{_wrap(expr.arg, _ATOM)}.T", _ATOM
+    if isinstance(expr, Transpose):  # an integer literal needs parentheses: `1.T` would lex as the float `1.`
+        inner = _wrap(expr.arg, _ATOM)
+        return (f"({inner}).T" if inner.isdigit() else f"{inner}.T"), _ATOM
     if isinstance(expr, Neg):
         return f"-{_wrap(expr.arg, _UNARY + 1)}", _UNARY
     if isinstance(expr, Cond):
