@@ -10,6 +10,15 @@ from mupderive.errors import CalculusError, MupError, RuleError
 from mupderive.language.load import load_rule, parse_rule
 from mupderive.resources import builtin_rule_names
 
-__all__ = ["CalculusError", "Derivation", "MupError", "RuleError", "builtin_rule_names", "derive", "load_rule",
-           "parse_rule"]
+__all__ = ["CalculusError", "Derivation", "MupError", "RuleError", "builtin_rule_names", "derive", "generate",
+           "load_rule", "parse_rule"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``mupderive.generate``, imported on first use (code generation needs jinja2; the symbolic engine does not)."""
+    if name == "generate":
+        from mupderive.codegen import generate
+
+        return generate
+    raise AttributeError(f"module 'mupderive' has no attribute {name!r}")

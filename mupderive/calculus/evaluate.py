@@ -282,6 +282,8 @@ class Evaluator:
             bounds = [b for b in args[1:] if not b.is_zero]
             bound = bounds[0] if len(bounds) == 1 else self.compare(node, "max", "rms", bounds, texts[1:])
             return self.compare(node, "clip", "rms", [args[0], bound], [texts[0], "|".join(texts[1:])])
+        if fn == "trust_ratio":  # the guard only matters for exactly-zero norms: the generic branch is a / b
+            return f.mul(args[0], f.power(args[1], Fraction(-1), "odd"))
         if fn == "atan2":
             ratio = f.mul(args[0], f.power(args[1], Fraction(-1), "odd"))
             self.record(node, "atan2", "rms", args, texts)

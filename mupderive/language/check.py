@@ -162,6 +162,10 @@ class Checker:
             return shapes[0]
         if fn in ("max", "min", "atan2"):
             return self.broadcast(node, shapes[0], shapes[1])
+        if fn == "trust_ratio":
+            if shapes != [SCALAR, SCALAR]:
+                raise self.fail(node, "trust_ratio() of non-scalars", "two scalars such as fro_norm(W), fro_norm(u)")
+            return SCALAR
         if fn == "clip":
             for bound in shapes[1:]:
                 self.broadcast(node, shapes[0], bound)

@@ -122,6 +122,7 @@ FUNCTIONS: dict[str, tuple[int, int, str]] = {
     "min": (2, 2, "elementwise minimum"),
     "clip": (3, 3, "clip(x, lo, hi): elementwise clamp of x to [lo, hi]"),
     "atan2": (2, 2, "elementwise atan2(y, x)"),
+    "trust_ratio": (2, 2, "trust_ratio(a, b) = a / b where both are positive, else 1 (the guard of LAMB and LARS)"),
     "ema": (3, 3, "ema(old, x, beta) = beta * old + (1 - beta) * x"),
     "matpow": (2, 3, "matpow(A, p[, damping]) = (A + damping * I)^p for symmetric PSD A, rational p"),
     "orthogonalize": (1, 1, "polar factor U V^T of X = U S V^T (what Newton-Schulz approximates)"),

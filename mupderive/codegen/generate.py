@@ -1,0 +1,161 @@
+"""``generate(derivation)``: the source of a self-contained PyTorch module applying a derivation, and the CLI command.
+
+The jinja2 templates in ``templates/`` hold the shape of the module; Python decides its content: which optimizer
+serves each role (:mod:`~mupderive.codegen.parts`), the docstring (:mod:`~mupderive.codegen.header`), the optimizer
+code (:mod:`~mupderive.codegen.optimizers`) and the module-level tables below. Every piece of a rule that reaches
+the output goes through :mod:`mupderive.codegen.safe`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+from mupderive import __version__
+from mupderive.codegen import safe
+from mupderive.codegen.emit import HELPERS
+from mupderive.codegen.header import convention_name, header, sha256
+from mupderive.codegen.lines import fit
+from mupderive.codegen.optimizers import argument_functions, compiled_class, optimizer_method
+from mupderive.codegen.parts import BACKENDS, Part, defaults, plan, validate
+from mupderive.derivation import Derivation, derive
+from mupderive.errors import MupError
+from mupderive.language.load import load_rule
+from mupderive.solver import parse_fix
+
+_EXPONENT = re.compile(r"-?[0-9]+(/[0-9]+)?")
+
+
+def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[str, bool] | None = None) -> str:
+    """The Python source of the muP module for ``derivation``: the same input gives the same bytes.
+
+    ``backend``: "auto" uses the library class a rule mirrors unless it has none or cannot take a width-scaled
+    hyperparameter per parameter group (then the optimizer is compiled from the rule), "library" insists on the
+    library, "ir" compiles every optimizer from its rule. ``options`` are the boolean hyperparameters chosen with
+    ``--set`` (the generated defaults; the derivation should have been made with the same options).
+    """
+    if backend not in BACKENDS:
+        raise MupError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    options = dict(options or {})
+    parts = plan(derivation, backend)
+    for part in parts:
+        validate(part.rule)
+    values = defaults(parts, options)
+    env = _environment()
+    classes, helpers = [], set()
+    for part in parts:
+        if part.backend == "ir":
+            source, used = compiled_class(env, part, values)
+            classes.append(source)
+            helpers |= used
+    context = header(derivation, parts, options) | {
+        "version": __version__,
+        "imports": _imports(parts),
+        "rule": safe.rule_name(derivation.rule.name),
+        "sha": sha256(derivation.rule.digest),
+        "convention": convention_name(derivation.convention),
+        "fixes_literal": _fixes_literal(derivation),
+        "exponents": _exponent_lines(derivation, parts),
+        "rule_of_role": _rule_of_role(parts),
+        "helpers": [HELPERS[name] for name in sorted(helpers)] + argument_functions(parts),
+        "optimizer_classes": classes,
+        "hybrid": len(parts) > 1,
+        "optimizer_method": optimizer_method(env, parts, values).rstrip("\n"),
+    }
+    source = env.get_template("module.py.j2").render(context)
+    return "\n".join(line for raw in source.split("\n") for line in fit(raw, width=120))
+
+
+@cache
+def _environment():
+    """The jinja2 environment over ``templates/`` (built once; jinja2 is imported only when generating)."""
+    import jinja2
+
+    from mupderive.resources import templates_dir
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+
+
+# -- module-level code ---------------------------------------------------------------------------------------------
+def _imports(parts: list[Part]) -> list[str]:
+    stdlib = ["import fnmatch", "import math", "import warnings"]
+    if len(parts) > 1:
+        stdlib.append("from collections import ChainMap")
+    abc = ["Callable", "Mapping", "Sequence"] + (["Iterable"] if any(p.backend == "ir" for p in parts) else [])
+    stdlib += [f"from collections.abc import {', '.join(sorted(abc))}", "from fractions import Fraction",
+               "from typing import Any"]
+    modules = {safe.class_path(p.rule.implementation.cls)[0] for p in parts if p.backend == "library"}
+    third = sorted({f"import {m}" for m in modules if m not in ("torch", "torch.optim")} | {"import torch"})
+    return [*stdlib, "", *third, "from torch import nn"]
+
+
+def _fixes_literal(derivation: Derivation) -> str:
+    items = [safe.literal(f"{f.role}.{f.knob}={f.value}") for f in derivation.fixes]
+    return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+
+
+def _exponent_lines(derivation: Derivation, parts: list[Part]) -> list[str]:
+    lines = []
+    for role, layer in derivation.layers.items():
+        lr_name = next(p.rule.lr.name for p in parts if role in p.roles)
+        row = {"multiplier": layer.multiplier, "init_std": layer.init_std, lr_name: layer.lr}
+        row |= {name: e for name, e in layer.hyper.items()}
+        cells = []
+        for name, exponent in row.items():
+            text = str(exponent)
+            if not _EXPONENT.fullmatch(text):
+                raise MupError(f"exponent {text!r} of {role}.{name} is not a rational number")
+            if name not in ("multiplier", "init_std"):
+                safe.identifier(name, "hyperparameter")
+            cells.append(f'"{name}": "{text}"')
+        lines += fit(f'"{role}": {{{", ".join(cells)}}},')
+    return lines
+
+
+def _rule_of_role(parts: list[Part]) -> str:
+    return "{" + ", ".join(f'"{role}": "{p.rule.name}"' for p in parts for role in p.roles) + "}"
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def command(args: argparse.Namespace) -> int:
+    """``mupderive generate RULE -o FILE.py``: derive, generate, and write the module atomically."""
+    output = Path(args.output)
+    if output.suffix != ".py":
+        raise MupError(f"-o {args.output}: the output must be a .py file")
+    if not output.parent.is_dir():
+        raise MupError(f"-o {args.output}: directory {output.parent} does not exist")
+    options = _flags(args.set)
+    fixes = [parse_fix(text) for text in args.fix]
+    derivation = derive(load_rule(args.rule), args.convention, fixes, options)
+    source = generate(derivation, backend=getattr(args, "backend", "auto"), options=options)
+    write_atomically(output, source)
+    print(f"wrote {output} (rule {derivation.rule.name}, convention {derivation.convention})")
+    return 0
+
+
+def _flags(pairs: list[str]) -> dict[str, bool]:
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not name or value.lower() not in ("true", "false"):
+            raise MupError(f"--set {pair!r}: expected FLAG=true or FLAG=false")
+        options[name.strip()] = value.lower() == "true"
+    return options
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

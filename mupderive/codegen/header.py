@@ -1,0 +1,152 @@
+"""The generated module's docstring: what was derived (table, formulas, diagnosis), from which rule, and how to use
+it. Rule text reaches it only through :func:`safe.text` (and :func:`safe.wrap`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from mupderive.codegen import safe
+from mupderive.codegen.functions import reads
+from mupderive.codegen.parts import Part, bodies
+from mupderive.derivation import Derivation
+from mupderive.errors import MupError
+from mupderive.language.rule import Rule
+
+CONVENTION_TEXT = {
+    "spectral": "spectral (all multipliers 1; init and lr from the spectral condition, TP-V Table 3)",
+    "mup-package": "mup-package (readout multiplier 1/width_mult, as the mup package's MuReadout)",
+}
+
+
+def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool]) -> dict[str, object]:
+    """The template variables of the module docstring."""
+    return {
+        "title_line": _title_line(derivation.rule),
+        "command": _command(derivation, options),
+        "about": _about(derivation, parts, options),
+        "table": _table(derivation),
+        "formulas": _formulas(derivation),
+        "diagnosis": _diagnosis(derivation),
+        "usage": _usage(derivation, parts),
+        "notes": _notes(derivation, parts),
+    }
+
+
+def _title_line(rule: Rule) -> str:
+    return safe.wrap(f"muP for {rule.title} (rule {rule.name}): width-scaled init, multipliers and optimizer.",
+                     116)[0]
+
+
+def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
+    words = ["mupderive generate", derivation.rule.name]
+    if derivation.convention != "spectral":
+        words.append(f"--convention {derivation.convention}")
+    words += [f"--fix {f.role}.{f.knob}={f.value}" for f in derivation.fixes]
+    words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
+    return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
+
+
+def convention_name(convention: str) -> str:
+    if convention not in CONVENTION_TEXT:
+        raise MupError(f"unknown convention {convention!r}")
+    return convention
+
+
+def sha256(digest: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise MupError("the rule digest is not a sha256 hex digest")
+    return digest
+
+
+def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool]) -> list[str]:
+    rule = derivation.rule
+    fixes = ", ".join(f"{f.role}.{f.knob}={f.value}" for f in derivation.fixes) or "none"
+    chosen = ", ".join(f"{name}={str(value).lower()}" for name, value in options.items()) or "rule defaults"
+    lines = [f"Rule: {rule.name} - {rule.title}", f"Paper: {rule.paper}", f"Rule source sha256: {rule.digest}",
+             f"Convention: {CONVENTION_TEXT[convention_name(derivation.convention)]}",
+             f"Fixes: {fixes}", f"Boolean options: {chosen}"]
+    for part in parts:
+        roles = ", ".join(part.roles)
+        if part.backend == "library":
+            where = f"Optimizer for {roles}: {part.rule.implementation.cls} (the library class)"
+        else:
+            where = (f"Optimizer for {roles}: {part.class_name}, generated below from rule {part.rule.name} "
+                     f"({part.reason})")
+        if part.prefix:
+            where += f"; its hyperparameters are passed to MuP.optimizer() prefixed {part.prefix}"
+        lines.append(where)
+        if part.rule.implementation.note:
+            lines.append(f"Implementation note ({part.rule.name}): {part.rule.implementation.note}")
+    return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
+
+
+def _table(derivation: Derivation) -> list[str]:
+    data = derivation.to_json()["layers"]
+    hypers = list(dict.fromkeys(h for layer in data.values() for h in layer["hyper"]))
+    hybrid = len({layer["rule"] for layer in data.values()}) > 1
+    head = ["role", *(["rule"] if hybrid else []), "multiplier", "init_std", "lr", *hypers]
+    rows = [head]
+    for role, layer in data.items():
+        cells = [role, *([layer["rule"]] if hybrid else []), layer["multiplier"], layer["init_std"], layer["lr"]]
+        rows.append([safe.text(c) for c in cells + [layer["hyper"].get(h, "-") for h in hypers]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _formulas(derivation: Derivation) -> list[str]:
+    formulas = derivation.to_json()["formulas"]
+    if not formulas:
+        return ["(none: the calculus could not decide every case)"]
+    return [line for q, f in formulas.items() for line in safe.wrap(f"{q} ~ {f}", 110)]
+
+
+def _diagnosis(derivation: Derivation) -> list[str]:
+    lines = []
+    for role, layer in derivation.to_json()["layers"].items():
+        for name, regime in layer["if_fixed"].items():
+            if not regime["regime"].startswith("unchanged"):
+                wrapped = safe.wrap(f"- {role}.{name}: {regime['regime']}", 114)
+                lines += [wrapped[0], *(f"  {line}" for line in wrapped[1:])]
+    return lines
+
+
+def _usage(derivation: Derivation, parts: list[Part]) -> list[str]:
+    """The usage example: built from our own text, validated names and number literals only."""
+    name = safe.rule_name(derivation.rule.name)
+    lrs = [f"{part.prefix}{safe.identifier(part.rule.lr.name, 'learning rate')}={safe.literal(part.rule.lr.default)}"
+           for part in parts]
+    built = parts[0].class_name if len(parts) == 1 else "a HybridOptimizer"
+    lines = [f"import mup_{name} as mu", "",
+             "model = Net(width=1024)",
+             "p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})",
+             "p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)",
+             f"opt = p.optimizer({', '.join(lrs)})",
+             "print(p.describe())                    # per parameter: role, ratio, multiplier, init, factors",
+             f"# opt is {built} with one parameter group per (role, width ratio)"]
+    if any("H" in reads(body) for part in parts for body in bodies(part.rule)):
+        lines += ["", "for x, y in batches:                    # the library estimates the Hessian from the graph",
+                  "    loss_fn(model(x), y).backward(create_graph=True)",
+                  "    opt.step()", "    opt.zero_grad(set_to_none=True)"]
+    return lines
+
+
+def _notes(derivation: Derivation, parts: list[Part]) -> list[str]:
+    lr = parts[0].rule.lr.name
+    notes = [
+        f"Learning-rate schedulers that multiply each group's {lr} (LambdaLR, StepLR, CosineAnnealingLR, ...) keep the "
+        "per-group ratios. Anything that sets one absolute value on every group (OneCycleLR's max_lr, "
+        f"group[{lr!r}] = x, ReduceLROnPlateau's min_lr floor) overwrites them; scale such values by "
+        f"group['mup_ratio'] ** EXPONENTS[group['mup_role']][{lr!r}] yourself.",
+        "The optimizer's state_dict and the model's state_dict round-trip unchanged (the multipliers are hooks, "
+        "not parameters).",
+    ]
+    if len(parts) > 1:
+        notes.append(f"Keyword arguments of MuP.optimizer() starting with {parts[1].prefix} configure the "
+                     f"{parts[1].rule.title} used for {', '.join(parts[1].roles)} (unknown ones included, e.g. "
+                     f"{parts[1].prefix}foreach=True); the rest configure {parts[0].class_name}.")
+    if any("H" in reads(body) for part in parts for body in bodies(part.rule)):
+        notes.append("The library computes H (a Hutchinson Hessian-diagonal estimate) from the gradient's graph: "
+                     "call loss.backward(create_graph=True) before every step on which it refreshes the estimate "
+                     "(the first one included).")
+    return [line for note in notes for line in [*safe.wrap(note, 116), ""]][:-1]
