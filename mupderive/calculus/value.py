@@ -5,7 +5,8 @@ A value is a sum of *parts*, each with a structure and one exponent:
 - ``outer``  low-rank and aligned with the batch (gradient-built: ``G = sum_b delta_b x_b^T``); exponent = spectral
   norm = Frobenius norm; acting on a layer input it is a coherent sum (``|M x| = |M|_* |x|``);
 - ``dense``  full-rank and independent of the inputs (``W`` at init, Hutchinson noise); exponent = entry RMS;
-  ``|M|_* = rms * sqrt(max dim)``, and acting on an input it is an incoherent sum;
+  ``|M|_* = rms * sqrt(max dim)`` (``rms * sqrt(p q)`` when its entries share a sign: the mean is rank one), and
+  acting on an input it is an incoherent sum;
 - ``eye``    a multiple of the identity; exponent = eigenvalue;
 - ``perp``   a multiple of the identity on the complement of the batch span (what ``(L + eps I)^-p`` leaves
   outside the range of ``L``); it annihilates batch-aligned vectors;
@@ -95,6 +96,8 @@ class Frame:
         if kind == "dense":
             if metric == "rms":
                 return part.e
+            if metric == "spec" and part.nonneg:  # its mean is a rank-one part: |mean 1 1^T|_* = rms sqrt(p q)
+                return part.e + half_sum
             return part.e + (half_sum if metric == "fro" else half_max if metric == "spec" else half_p)
         # eye / perp: eigenvalue e on a p-dimensional space
         if metric == "effect" and kind == "perp":

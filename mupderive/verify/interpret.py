@@ -1,0 +1,205 @@
+"""Reference semantics of the rule IR: run a rule body on torch tensors for one parameter, step by step.
+
+At the first step every state's initial value is evaluated; the compute block then runs top to bottom (a state read
+before its assignment is its previous value) and the parameter moves by ``W <- W (1 - lr decay) - lr U`` (with
+``decay_first`` the decay comes first and the expressions see the decayed ``W``); with ``skip_first`` the first step
+only sets the state. Primitives are exact: ``matpow`` by ``eigh``, ``orthogonalize`` by SVD (the polar factor on the
+nonzero singular values). Every sum or comparison records its operands under :func:`term_key`, the key the scaling
+calculus' :class:`~mupderive.calculus.evaluate.Comparison` of the same node has, so compared terms can be measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from mupderive.errors import MupError
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose
+from mupderive.language.printer import show_expr
+from mupderive.language.rule import Body, Rule, Value
+
+TermKey = tuple[str, int, int, str]
+
+
+def term_key(op: str, node: Expr) -> TermKey:
+    """Identifies a comparison across loads of the same rule file: its kind, location and text."""
+    return op, node.loc.line, node.loc.col, show_expr(node)
+
+
+def decay_node(body: Body) -> Expr:
+    """The node the calculus uses for the decay comparison ``U + decay * W``."""
+    return BinOp("+", body.direction, BinOp("*", body.decay, Name("W")), loc=body.direction.loc)
+
+
+@dataclass
+class Step:
+    """One step's result: the new parameter, every named value (``direction`` included) and compared operands."""
+
+    W: torch.Tensor
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[TermKey, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    decay: torch.Tensor | None = None  # the decoupled decay coefficient this step (None: the body has none)
+    skipped: bool = False
+
+
+class Interpreter:
+    """Runs ``rule``'s body for one parameter of ``role`` with fixed hyperparameter ``values``."""
+
+    def __init__(self, rule: Rule, role: str, values: Mapping[str, Value]) -> None:
+        self.body = rule.body(role)
+        self.lr_name = rule.lr.name
+        self.flags = {k: v for k, v in values.items() if isinstance(v, bool)}
+        self.scalars = {k: float(v) for k, v in values.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.states: dict[str, torch.Tensor] | None = None
+        self.t = 0
+        self.terms: dict[TermKey, tuple[torch.Tensor, ...]] = {}
+        self._keys: dict[tuple[str, int], TermKey] = {}
+        self._decay_node = decay_node(self.body) if self.body.decay is not None else None
+
+    def step(self, W: torch.Tensor, G: torch.Tensor, H: torch.Tensor | None = None) -> Step:
+        """Advance one step from parameter ``W`` with gradient ``G`` (and Hutchinson estimate ``H``)."""
+        self.t += 1
+        self.terms = {}
+        env: dict[str, torch.Tensor] = {name: self._const(v, G) for name, v in self.scalars.items()}
+        fan_out, fan_in = G.shape[0], (G.shape[1] if G.dim() == 2 else 1)
+        env |= {"G": G, "W": W, "t": self._const(self.t, G), "fan_in": self._const(fan_in, G),
+                "fan_out": self._const(fan_out, G)}
+        if H is not None:
+            env["H"] = H
+        if self.states is None:
+            self.states = {name: self.eval(init, env) for name, init in self.body.state}
+            if self.body.skip_first:
+                return Step(W.clone(), dict(self.states), self.terms, skipped=True)
+        lr = env[self.lr_name]
+        seen = W
+        decay = None
+        if self.body.decay is not None and self.body.decay_first:
+            decay = self.eval(self.body.decay, env)
+            seen = W * (1 - lr * decay)
+            env["W"] = seen
+        env |= self.states
+        for stmt in self.body.compute:
+            env[stmt.target] = self.eval(stmt.value, env)
+        direction = self.eval(self.body.direction, env)
+        if self.body.decay is None:
+            new = W - lr * direction
+        else:
+            decay = self.eval(self.body.decay, env) if decay is None else decay
+            self._record("decay", self._decay_node, (direction, decay * seen))
+            new = (seen if self.body.decay_first else W * (1 - lr * decay)) - lr * direction
+        self.states = {name: env[name] for name in self.states}
+        values = {stmt.target: env[stmt.target] for stmt in self.body.compute} | {"direction": direction}
+        return Step(new, values, self.terms, decay)
+
+    # -- expressions -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+    def _record(self, op: str, node: Expr, operands: tuple[torch.Tensor, ...]) -> None:
+        cache = (op, id(node))
+        if cache not in self._keys:
+            self._keys[cache] = term_key(op, node)
+        self.terms[self._keys[cache]] = operands
+
+    def eval(self, node: Expr, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The value of ``node`` in ``env`` (scalars are 0-d tensors)."""
+        if isinstance(node, Num):
+            return self._const(node.value, env["G"])
+        if isinstance(node, Name):
+            if node.id not in env:
+                raise MupError(f"the rule reads {node.id!r}, which has no value here")
+            return env[node.id]
+        if isinstance(node, Neg):
+            return -self.eval(node.arg, env)
+        if isinstance(node, Transpose):
+            return self.eval(node.arg, env).T
+        if isinstance(node, Cond):
+            return self.eval(node.then if self.flags[node.flag] else node.orelse, env)
+        if isinstance(node, BinOp):
+            return self._binop(node, env)
+        assert isinstance(node, Call)
+        return self._call(node, env)
+
+    def _binop(self, node: BinOp, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        a, b = self.eval(node.left, env), self.eval(node.right, env)
+        if node.op in "+-":
+            self._record("sum", node, (a, b))
+            return a + b if node.op == "+" else a - b
+        if node.op == "*":
+            return a * b
+        if node.op == "/":
+            return a / b
+        if node.op == "@":
+            return a @ b
+        return torch.pow(a, b)
+
+    def _call(self, node: Call, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        fn = node.fn
+        args = [self.eval(a, env) for a in node.args]
+        if fn in ("max", "min"):
+            self._record(fn, node, (args[0], args[1]))
+            return torch.maximum(args[0], args[1]) if fn == "max" else torch.minimum(args[0], args[1])
+        if fn == "clip":
+            x, lo, hi = args
+            self._record("max", node, (lo, hi))
+            self._record("clip", node, (x, torch.maximum(lo.abs(), hi.abs())))
+            return torch.clamp(x, lo, hi)
+        if fn == "atan2":
+            self._record("atan2", node, (args[0], args[1]))
+            return torch.atan2(args[0], args[1])
+        if fn == "matpow":
+            A = args[0]
+            if len(args) == 3:
+                damping = args[2] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                self._record("damping", node, (A, damping))
+                A = A + damping
+            return matpow(A, float(args[1]))
+        return PRIMITIVES[fn](*args)
+
+
+def matpow(A: torch.Tensor, p: float) -> torch.Tensor:
+    """``A^p`` for symmetric positive semidefinite ``A``: ``V diag(lambda^p) V^T`` from ``eigh``."""
+    lam, V = torch.linalg.eigh((A + A.T) / 2)
+    return (V * lam.clamp_min(0).pow(p)) @ V.T
+
+
+def orthogonalize(X: torch.Tensor) -> torch.Tensor:
+    """Polar factor ``U V^T`` on the nonzero singular values (what Newton-Schulz converges to)."""
+    mat = X.reshape(X.shape[0], -1)
+    U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+    tol = S.max() * max(mat.shape) * torch.finfo(mat.dtype).eps  # numerical rank, as torch.linalg.matrix_rank
+    keep = tol < S
+    return (U[:, keep] @ Vh[keep]).reshape(X.shape)
+
+
+def trust_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where both are positive, else 1 (the guard of LAMB and LARS against zero norms)."""
+    return torch.where((a > 0) & (b > 0), a / b, torch.ones_like(a / b))
+
+
+def _spectral_norm(X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(X, ord=2) if X.dim() == 2 else torch.linalg.vector_norm(X)
+
+
+# Primitives whose value is a plain function of their arguments (the others also record compared operands).
+PRIMITIVES = {
+    "sqrt": torch.sqrt,
+    "abs": torch.abs,
+    "sign": torch.sign,
+    "ema": lambda old, x, beta: beta * old + (1 - beta) * x,
+    "orthogonalize": orthogonalize,
+    "fro_norm": torch.linalg.vector_norm,
+    "spectral_norm": _spectral_norm,
+    "rms": lambda x: x.square().mean().sqrt(),
+    "mean": torch.mean,
+    "row_mean": lambda x: x.mean(dim=1),
+    "col_mean": lambda x: x.mean(dim=0),
+    "outer": torch.outer,
+    "trust_ratio": trust_ratio,
+    "eye": lambda a: torch.eye(a.shape[0], dtype=a.dtype, device=a.device),
+    "zeros": torch.zeros_like,
+}

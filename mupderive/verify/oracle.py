@@ -1,0 +1,634 @@
+"""``mupderive oracle RULE``: measure the real optimizer at several widths against the derivation (THEORY section 7).
+
+Per role and width a synthetic layer (:mod:`mupderive.verify.synthetic`) is stepped by the implementation the rule
+mirrors, built from its ``[implementation]`` table with every hyperparameter at its derived value for that width
+(``value(n) = base * (n / n_base)^E``), and by the rule's reference interpreter on the same gradients. Log-log slopes
+over widths of ``|dW|_*``, ``|dW|_F``, ``rms(dW)``, ``|dW x|/|x|``, ``|lr U|_*`` and of every compared term are
+checked against the calculus, and the two trajectories must agree (else the rule does not mirror its implementation).
+Each scale-carrying hyperparameter is then kept fixed to confirm the drift the derivation predicts (``if_fixed``).
+
+Base values are the rule's defaults, except that a hyperparameter at a balance point is set to balance its term at
+the base width (a default such as eps = 1e-8 never enters, so its exponent would go untested) and the learning rate
+is lowered where the default rewrites the weights in one step (see :func:`calibrate`).
+
+Predictions take the learning rate from the spectral condition (``lr = (o - i)/2 - m - spec(U)``), not from the
+derivation being checked, so a derivation with a wrong learning-rate exponent fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mupderive.calculus.evaluate import Comparison, Outcome
+from mupderive.calculus.exponent import ZERO, Exp, Signs
+from mupderive.calculus.value import Frame
+from mupderive.derivation import Derivation, LayerDerivation, derive
+from mupderive.errors import MupError
+from mupderive.language.ir import Name, names, walk
+from mupderive.language.load import load_rule
+from mupderive.language.rule import ROLES, Implementation, Rule, Value
+from mupderive.solver import evaluate
+from mupderive.verify.fit import Fit, fit_slope
+from mupderive.verify.interpret import Interpreter, Step, TermKey, term_key
+from mupderive.verify.synthetic import METRICS, Layer, dims, make_layer
+
+DEFAULT_WIDTHS = (64, 128, 256, 512, 1024)
+SEEDS = 3  # independent synthetic layers per width
+FIRST_MEASURED = 2  # the calculus describes states at their steady scale; at step 1 they hold their initial values
+EXACT = 1e-6  # relative (Frobenius) error of dW allowed between the interpreter and an exact implementation
+# Implementations that only approximate a primitive: allowed relative spectral error of dW, and why.
+APPROXIMATE = {
+    "torch.optim.Muon": (0.6, "Newton-Schulz (5 quintic steps in bfloat16) maps singular values to about [0.7, 1.2] "
+                              "and lifts bfloat16 rounding noise, where orthogonalize() is the exact polar factor"),
+}
+PROBE = 1e-3  # starting value when balancing a hyperparameter whose default is 0
+STEP = 0.05  # largest relative change of W in one step at the base width
+LABELS = {"spec": "|dW|_*", "fro": "|dW|_F", "rms": "rms(dW)", "effect": "|dW x|/|x|"}
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """Something measured per step: the update (``source`` update/direction) or one operand of a comparison."""
+
+    label: str
+    metric: str
+    predicted: Fraction
+    source: str  # update | direction | term
+    key: TermKey | None = None
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Hyperparameters at their derived exponents (``fixed`` None) or one of them kept width-independent."""
+
+    name: str
+    fixed: str | None
+    quantities: tuple[Quantity, ...]
+    regime: str = ""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A quantity's fitted slope against its prediction."""
+
+    quantity: Quantity
+    fit: Fit | None  # None: zero or not produced at some width
+    tolerance: float
+    means: tuple[float, ...]  # per width, geometric mean over seeds (for plots)
+
+    @property
+    def deviation(self) -> float:
+        return math.nan if self.fit is None else self.fit.slope - float(self.quantity.predicted)
+
+    @property
+    def passed(self) -> bool:
+        return self.fit is not None and abs(self.deviation) <= max(self.tolerance, self.fit.ci)
+
+    @property
+    def verdict(self) -> str:
+        if self.fit is None:
+            return "FAIL (zero or missing)"
+        if not self.passed:
+            return "FAIL"
+        return "ok (wide CI)" if abs(self.deviation) > self.tolerance else "ok"
+
+
+@dataclass(frozen=True)
+class Match:
+    """Largest relative error between the implementation's update and the interpreter's."""
+
+    implementation: str
+    error: float | None  # None: the interpreter is the implementation
+    tolerance: float
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None or self.error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    scenario: Scenario
+    checks: tuple[Check, ...]
+    match: Match
+    fixed_value: float | None = None  # the value a fixed hyperparameter kept at every width
+
+    @property
+    def passed(self) -> bool:
+        return self.match.passed and all(c.passed for c in self.checks)
+
+
+@dataclass
+class RolePlan:
+    """What is run for one role: the rule applied, its derivation, base hyperparameter values and scenarios."""
+
+    role: str
+    rule: Rule
+    layer: LayerDerivation
+    n_base: int
+    scenarios: list[Scenario]
+    base: dict[str, Value] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def implementation(self) -> str:
+        return self.rule.implementation.cls or "interpreter (no library implements this rule)"
+
+    @property
+    def reads_hessian(self) -> bool:
+        body = self.rule.body(self.role)
+        exprs = [init for _, init in body.state] + [s.value for s in body.compute] + [body.direction]
+        return any(isinstance(n, Name) and n.id == "H" for e in exprs for n in walk(e))
+
+    def values(self, n: int, fixed: str | None = None) -> dict[str, Value]:
+        """Hyperparameters at width ``n``: the derived law ``c n^E`` with ``c = base n_base^-E``. ``fixed`` keeps
+        the law's value at ``n = 1``, where keeping and scaling agree: the measured widths then lie deep in the regime
+        it drifts into (kept at its ``n_base`` value instead, the crossover sits at the smallest width and a unit
+        drift fits as about 3/4 over 64..1024; comparisons it pushes into a crossover bend the slopes too)."""
+        ratio, out = n / self.n_base, dict(self.base)
+        for h in self.rule.hypers:
+            exponent = self.layer.lr if h.role == "lr" else self.layer.hyper.get(h.name)
+            if h.role != "width-free" and exponent is not None:
+                at = 1 / self.n_base if h.name == fixed else ratio
+                out[h.name] = float(self.base[h.name]) * at ** float(exponent.const)
+        return out
+
+    def synthetic(self, n: int, steps: int, seed: int, device: str) -> Layer:
+        """The synthetic layer at width ``n`` with the derived init std and multiplier."""
+        fan_out, fan_in = dims(self.role, self.n_base)
+        base_std = fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))  # THEORY section 2
+        ratio = n / self.n_base
+        return make_layer(self.role, n, base_std * ratio ** float(self.layer.init_std.const),
+                          ratio ** float(self.layer.multiplier.const), steps, seed, device)
+
+
+@dataclass
+class RoleResult:
+    role: str
+    rule: str
+    implementation: str
+    base: dict[str, Value]
+    notes: list[str]
+    results: list[ScenarioResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+
+@dataclass
+class Report:
+    """Everything the oracle measured for one rule."""
+
+    rule: Rule
+    widths: tuple[int, ...]
+    steps: int
+    seeds: int
+    tolerance: float
+    device: str
+    roles: list[RoleResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.roles)
+
+    def check(self, role: str, label: str, scenario: str = "derived") -> Check:
+        """The check of ``label`` (e.g. ``|dW|_*``) for ``role`` in ``scenario`` (for tests and scripts)."""
+        result = next(r for r in self.roles if r.role == role)
+        checks = next(s for s in result.results if s.scenario.name == scenario).checks
+        return next(c for c in checks if c.quantity.label == label)
+
+    def to_json(self) -> dict:
+        return {
+            "schema": "mupderive.oracle/1",
+            "rule": self.rule.name,
+            "rule_sha256": self.rule.digest,
+            "widths": list(self.widths), "steps": self.steps, "seeds": self.seeds,
+            "tolerance": self.tolerance, "device": self.device, "passed": self.passed,
+            "roles": {r.role: _role_json(r) for r in self.roles},
+        }
+
+
+# -- planning ---------------------------------------------------------------------------------------------------
+def plan_role(rule: Rule, layer: LayerDerivation, n_base: int) -> RolePlan:
+    """Scenarios and predicted exponents for one role (base values come from :func:`calibrate`)."""
+    applied = rule if layer.rule == rule.name else load_rule(layer.rule)
+    frame = Frame({"o": layer.fan_out, "i": layer.fan_in}, Signs())
+    balanced = layer.balanced.outcome
+    lr = (layer.fan_out - layer.fan_in) / 2 - layer.multiplier - frame.metric(balanced.direction, "spec")
+    scenarios = [Scenario("derived", None, quantities(applied, layer.role, frame, lr, balanced,
+                                                      balanced.comparisons))]
+    flags = {h.name: h.default for h in applied.hypers if isinstance(h.default, bool)}
+    for name, regime in layer.if_fixed.items():
+        if layer.hyper[name] == ZERO:
+            continue  # already width-independent: nothing drifts
+        pins = dict(layer.balanced.hyper) | {name: ZERO}
+        outcome = evaluate(applied, layer.balanced.layer, flags, pins, False)
+        touched = {term_key(c.op, c.node) for c in regime.comparisons}
+        compared = [c for c in outcome.comparisons if term_key(c.op, c.node) in touched]
+        scenarios.append(Scenario(f"{name} fixed", name, quantities(applied, layer.role, frame, lr, outcome, compared),
+                                  regime.text))
+    return RolePlan(layer.role, applied, layer, n_base, scenarios)
+
+
+def quantities(rule: Rule, role: str, frame: Frame, lr: Exp, outcome: Outcome,
+               comparisons: list[Comparison]) -> tuple[Quantity, ...]:
+    """Predicted exponents: the update's four metrics, ``|lr U|_*`` when there is a decay, and compared terms."""
+    out = []
+    for metric in METRICS:
+        e = frame.metric(outcome.total, metric)
+        if e is not None:
+            out.append(Quantity(LABELS[metric], metric, _q(lr + e), "update"))
+    if rule.body(role).decay is not None:
+        out.append(Quantity("|lr U|_*", "spec", _q(lr + frame.metric(outcome.direction, "spec")), "direction"))
+    constant = {h.name for h in rule.hypers if h.role == "width-free"} | {"t"}
+    seen = set()
+    for c in comparisons:
+        key = term_key(c.op, c.node)
+        if key in seen or names(c.node) <= constant:
+            continue  # width-free scalars such as 1 - beta1**t
+        seen.add(key)
+        for index, term in enumerate(c.terms):
+            if term.e is not None:
+                out.append(Quantity(f"{term.text} in {c.text}", c.metric, _q(term.e), "term", key, index))
+    return tuple(out)
+
+
+def _q(e: Exp) -> Fraction:
+    return Fraction(e.const.numerator, e.const.denominator)
+
+
+# -- the real implementation -----------------------------------------------------------------------------------
+class Real:
+    """The library optimizer the rule mirrors, stepping one parameter."""
+
+    def __init__(self, implementation: Implementation, W0: torch.Tensor, values: dict[str, Value]) -> None:
+        self.param = torch.nn.Parameter(W0.clone())
+        self.opt = construct(implementation, [self.param], values)
+
+    def step(self, G: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+        self.param.grad = G.clone()  # implementations may modify the gradient in place
+        if H is None:
+            self.opt.step()
+        else:
+            self.opt.step(hessian=[H.clone()])
+        return self.param.detach().clone()
+
+
+def construct(implementation: Implementation, params: list[torch.Tensor], values: dict[str, Value]
+              ) -> torch.optim.Optimizer:
+    """``cls(params, **args)`` with hyperparameters mapped through ``args`` (``betas[0]`` packs into a tuple) and
+    ``fixed``; class-level hyperparameters not taken by the constructor are set on the instance, which shadows the
+    class attribute the implementation reads (``self.clamp``) without touching other users of the class."""
+    module, _, name = implementation.cls.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs: dict[str, Value] = {}
+    packed: dict[str, dict[int, Value]] = {}
+    for hyper, arg in implementation.args:
+        match = re.fullmatch(r"(\w+)\[(\d)\]", arg)
+        if match:
+            packed.setdefault(match.group(1), {})[int(match.group(2))] = values[hyper]
+        else:
+            kwargs[arg] = values[hyper]
+    signature = inspect.signature(cls.__init__).parameters
+    for arg, items in packed.items():
+        default = signature[arg].default
+        slots = list(default) if isinstance(default, tuple) else []
+        slots += [None] * (max(items) + 1 - len(slots))
+        for index, value in items.items():
+            slots[index] = value
+        kwargs[arg] = tuple(slots)
+    kwargs |= dict(implementation.fixed)
+    opt = cls(params, **kwargs)
+    mapped = dict(implementation.args)
+    for hyper in implementation.class_level:
+        if hyper not in mapped:
+            setattr(opt, hyper, values[hyper])
+    return opt
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+def measure(layer: Layer, quantity: Quantity, dW: torch.Tensor, step: Step, W: torch.Tensor, lr: float) -> float:
+    """One step's value of ``quantity`` (NaN when the interpreter did not produce the compared term)."""
+    if quantity.source == "update":
+        return layer.metric(dW, quantity.metric)
+    if quantity.source == "direction":
+        decay = 0.0 if step.decay is None else float(step.decay)
+        return layer.metric(dW + lr * decay * W, "spec")  # dW = -lr decay W - lr U
+    operands = step.terms.get(quantity.key)
+    return math.nan if operands is None else term_metric(layer, operands, quantity.index, quantity.metric)
+
+
+def term_metric(layer: Layer, operands: tuple[torch.Tensor, ...], index: int, metric: str) -> float:
+    """``metric`` of one operand of a comparison, a scalar spread over the comparison's shape as the calculus does."""
+    shape = next((o.shape for o in operands if o.dim() > 0), ())
+    return layer.metric(torch.broadcast_to(operands[index], shape), metric)
+
+
+def trajectory(plan: RolePlan, scenario: Scenario, values: dict[str, Value], layer: Layer
+               ) -> tuple[list[list[float]], list[float]]:
+    """Step the implementation and the interpreter on ``layer``'s batches: per-quantity per-step values and the
+    relative error of each nonzero update (Frobenius; spectral for an approximate implementation)."""
+    interp = Interpreter(plan.rule, plan.role, values)
+    cls = plan.rule.implementation.cls
+    real = Real(plan.rule.implementation, layer.W0, values) if cls else None
+    norm = "spec" if cls in APPROXIMATE else "fro"  # exact implementations: the cheaper norm
+    lr = float(values[plan.rule.lr.name])
+    W_i = W_r = layer.W0
+    per_quantity: list[list[float]] = [[] for _ in scenario.quantities]
+    errors = []
+    for t, batch in enumerate(layer.batches, 1):
+        H = batch.H if plan.reads_hessian else None
+        step = interp.step(W_i, batch.G, H)
+        new = real.step(batch.G, H) if real else step.W
+        dW, dW_i = new - W_r, step.W - W_i
+        reference = layer.metric(dW_i, norm)
+        if reference > 0:
+            errors.append(layer.metric(dW - dW_i, norm) / reference)
+        elif layer.metric(dW, norm) > 0:
+            errors.append(math.inf)
+        for values_q, q in zip(per_quantity, scenario.quantities, strict=True):
+            if t >= FIRST_MEASURED:
+                values_q.append(measure(layer, q, dW, step, W_r, lr))
+        W_i, W_r = step.W, new
+    return per_quantity, errors
+
+
+def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], steps: int, seeds: range,
+                 tolerance: float, device: str, bar: tqdm) -> ScenarioResult:
+    """All widths and seeds of one scenario, fitted."""
+    samples: list[dict[tuple[int, int], float | None]] = [{} for _ in scenario.quantities]
+    errors: list[float] = []
+    for seed in seeds:
+        for n in widths:
+            per_quantity, errs = trajectory(plan, scenario, plan.values(n, scenario.fixed),
+                                            plan.synthetic(n, steps, seed, device))
+            errors += errs
+            for store, values in zip(samples, per_quantity, strict=True):
+                good = [v for v in values if v > 0 and math.isfinite(v)]
+                store[(seed, n)] = math.exp(sum(map(math.log, good)) / len(good)) if good else None
+            bar.update()
+    checks = []
+    for q, store in zip(scenario.quantities, samples, strict=True):
+        means = tuple(_geomean([store[(s, n)] for s in seeds]) for n in widths)
+        if any(v is None for v in store.values()):
+            checks.append(Check(q, None, tolerance, means))
+            continue
+        keys = list(store)
+        fit = fit_slope([n for _, n in keys], [store[k] for k in keys], [s for s, _ in keys])
+        checks.append(Check(q, fit, tolerance, means))
+    cls = plan.rule.implementation.cls
+    limit, reason = APPROXIMATE.get(cls, (EXACT, "")) if cls else (EXACT, "")
+    match = Match(plan.implementation, max(errors, default=0.0) if cls else None, limit, reason)
+    fixed = scenario.fixed and float(plan.values(plan.n_base, scenario.fixed)[scenario.fixed])
+    return ScenarioResult(scenario, tuple(checks), match, fixed)
+
+
+def _geomean(values: list[float | None]) -> float:
+    good = [v for v in values if v]
+    return math.exp(sum(map(math.log, good)) / len(good)) if good else math.nan
+
+
+# -- base values ------------------------------------------------------------------------------------------------
+def calibrate(plan: RolePlan, steps: int, seed: int, device: str, n_max: int) -> None:
+    """Base values at ``n_base``: defaults, except that every hyperparameter at a balance point is set so that its
+    term equals the term it is compared with (first step where both are nonzero). A default far from balance makes
+    the measurement uninformative (eps << sqrt(v) never enters; a fixed value shows no drift over the widths)."""
+    rule, layer = plan.rule, plan.synthetic(plan.n_base, steps, seed, device)
+    plan.base = {h.name: h.default for h in rule.hypers}
+    done: set[str] = set()
+    for c in plan.layer.balanced.outcome.comparisons:
+        live = [(i, t) for i, t in enumerate(c.terms) if t.e is not None]
+        if len({t.e for _, t in live}) != 1:
+            continue  # not a balance point: one term dominates at every width
+        for h in rule.scale_hypers:
+            own = [i for i, t in live if h.name in t.hypers]
+            other = [i for i, t in live if h.name not in t.hypers]
+            if h.name in done or not own or not other:
+                continue
+            done.add(h.name)
+            _balance(plan, layer, h.name, c, own[0], other[0])
+    _limit_lr(plan, layer, n_max)
+    defaults = {h.name: h.default for h in rule.hypers}
+    for name in sorted(done) if rule.implementation.cls else ():
+        try:  # constructor validation is per argument: try each balanced value on its own
+            construct(rule.implementation, [torch.nn.Parameter(layer.W0.clone())], defaults | {name: plan.base[name]})
+        except ValueError as exc:
+            default = rule.hyper(name).default
+            plan.notes.append(f"{name}: the implementation rejects {plan.base[name]:.3g} ({exc}); default "
+                              f"{default:g} kept")
+            plan.base[name] = default
+
+
+def _limit_lr(plan: RolePlan, layer: Layer, n_max: int) -> None:
+    """Lower the base learning rate where the default moves ``W`` by more than ``STEP`` of its size (spectral norm
+    or RMS) in one step in any scenario: the calculus describes a step from a given state, and steps that rewrite the
+    state change it differently at each width. Measured at ``n_base``; where a hyperparameter kept fixed makes the
+    update outgrow the spectral scale (its regime needs a smaller lr), extrapolated to ``n_max`` by that gap."""
+    lr, largest = plan.rule.lr.name, 0.0
+    spec, rms = layer.metric(layer.W0, "spec"), layer.metric(layer.W0, "rms")
+    for scenario in plan.scenarios:
+        interp = Interpreter(plan.rule, plan.role, plan.values(plan.n_base, scenario.fixed))
+        gap = 0.0 if scenario.fixed is None else float((plan.layer.lr - plan.layer.if_fixed[scenario.fixed].lr).const)
+        growth = (n_max / plan.n_base) ** max(gap, 0.0)
+        W = layer.W0
+        for batch in layer.batches:
+            new = interp.step(W, batch.G, batch.H if plan.reads_hessian else None).W
+            step = max(layer.metric(new - W, "spec") / spec, layer.metric(new - W, "rms") / rms)
+            largest = max(largest, step * growth)
+            W = new
+    if largest > STEP:
+        plan.base[lr] = float(plan.base[lr]) * STEP / largest
+        plan.notes.append(f"{lr} = {plan.base[lr]:.3g}: the default {plan.rule.lr.default:g} moves W by up to "
+                          f"{largest:.0%} in one step; lowered to {STEP:.0%}")
+
+
+def _balance(plan: RolePlan, layer: Layer, name: str, c: Comparison, own: int, other: int) -> None:
+    """Solve ``term_own(x) = term_other`` in log space: one secant for the degree, then two Newton steps."""
+    key, metric = term_key(c.op, c.node), c.metric
+
+    def log_ratio(value: float) -> float | None:
+        values = plan.base | {name: value}
+        interp = Interpreter(plan.rule, plan.role, values)
+        W = layer.W0
+        for batch in layer.batches:
+            step = interp.step(W, batch.G, batch.H if plan.reads_hessian else None)
+            W = step.W
+            operands = step.terms.get(key)
+            if operands is None:
+                continue
+            a, b = (term_metric(layer, operands, i, metric) for i in (own, other))
+            if a > 0 and b > 0 and math.isfinite(a / b):
+                return math.log(a / b)
+        return None
+
+    default = float(plan.rule.hyper(name).default)
+    x = abs(default) or PROBE
+    r0, r1 = log_ratio(x), log_ratio(2 * x)
+    text_own, text_other = c.terms[own].text, c.terms[other].text
+    if r0 is None or r1 is None or abs(r1 - r0) < 1e-3:
+        plan.notes.append(f"{name}: {text_own} cannot be balanced with {text_other} here; default kept")
+        return
+    degree = (r1 - r0) / math.log(2)
+    start = r0
+    for _ in range(2):
+        x *= math.exp(-r0 / degree)
+        r0 = log_ratio(x)
+        if r0 is None:
+            break
+    plan.base[name] = x
+    was = f"default {default:g} gives {math.exp(start):.2g}x" if default else "default 0 leaves it out"
+    plan.notes.append(f"{name} = {x:.3g}: {text_own} balances {text_other} at n={plan.n_base} ({was})")
+
+
+# -- the whole run ----------------------------------------------------------------------------------------------
+def run_oracle(rule: Rule | str | Path, derivation: Derivation | None = None,
+               widths: tuple[int, ...] = DEFAULT_WIDTHS, steps: int = 3, seeds: int = SEEDS, seed: int = 0,
+               tolerance: float = 0.1, device: str = "cpu", roles: tuple[str, ...] = ROLES,
+               progress: bool = False) -> Report:
+    """Measure ``rule``'s implementation against ``derivation`` (default: ``derive(rule)``)."""
+    rule = rule if isinstance(rule, Rule) else load_rule(rule)
+    derivation = derivation or derive(rule)
+    widths = tuple(sorted(set(widths)))
+    if len(widths) < 2 or widths[0] < 2:
+        raise MupError(f"--widths {','.join(map(str, widths))}: need at least two distinct widths >= 2")
+    if steps < 2:
+        raise MupError(f"--steps {steps}: need at least 2 (rules may skip the first step)")
+    plans = [plan_role(rule, derivation.layers[role], widths[0]) for role in roles]
+    for plan in plans:
+        calibrate(plan, steps, seed, device, widths[-1])
+    total = sum(len(p.scenarios) for p in plans) * seeds * len(widths)
+    results = []
+    with tqdm(total=total, desc=f"oracle {rule.name}", file=sys.stderr, disable=not progress or None,
+              leave=False) as bar:
+        for plan in plans:
+            runs = [run_scenario(plan, s, widths, steps, range(seed, seed + seeds), tolerance, device, bar)
+                    for s in plan.scenarios]
+            results.append(RoleResult(plan.role, plan.rule.name, plan.implementation, plan.base, plan.notes, runs))
+    return Report(rule, widths, steps, seeds, tolerance, device, results)
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+def _role_json(r: RoleResult) -> dict:
+    return {
+        "rule": r.rule, "implementation": r.implementation, "passed": r.passed,
+        "base": dict(r.base), "notes": r.notes,
+        "scenarios": [{
+            "name": s.scenario.name, "fixed": s.scenario.fixed, "fixed_value": s.fixed_value,
+            "regime": s.scenario.regime, "passed": s.passed,
+            "implementation_match": {"error": _finite(s.match.error), "tolerance": s.match.tolerance,
+                                     "reason": s.match.reason, "passed": s.match.passed},
+            "checks": [{"quantity": c.quantity.label, "metric": c.quantity.metric,
+                        "predicted": str(c.quantity.predicted),
+                        "slope": None if c.fit is None else round(c.fit.slope, 4),
+                        "ci95": None if c.fit is None else round(c.fit.ci, 4),
+                        "means": [None if math.isnan(m) else m for m in c.means],
+                        "verdict": c.verdict, "passed": c.passed} for c in s.checks],
+        } for s in r.results],
+    }
+
+
+def _finite(x: float | None) -> float | str | None:
+    """JSON has no infinity: an update the interpreter did not make is reported as the string "inf"."""
+    return "inf" if x is not None and math.isinf(x) else x
+
+
+def render_table(report: Report) -> str:
+    """The terminal report: per role and scenario, predicted vs measured slope with its 95% interval."""
+    rule = report.rule
+    lines = [f"oracle {rule.name} ({rule.title}): widths {','.join(map(str, report.widths))}, {report.steps} steps "
+             f"(measured from step {FIRST_MEASURED}), "
+             f"{report.seeds} seeds, tolerance {report.tolerance} (or the 95% interval where wider), "
+             f"device {report.device}"]
+    for r in report.roles:
+        lines += ["", f"== {r.role} ({'rule ' + r.rule + ', ' if r.rule != rule.name else ''}{r.implementation}) =="]
+        lines += [f"  base: {note}" for note in r.notes]
+        for s in r.results:
+            m = s.match
+            head = f"-- {s.scenario.name}"
+            if s.scenario.fixed:
+                head += f" at {s.fixed_value:.3g} (the derived law's value at n = 1): {s.scenario.regime}"
+            lines.append(head)
+            if m.error is None:
+                lines.append("  implementation: the interpreter (no library class to compare with)")
+            else:
+                why = f"; {m.reason}" if m.reason else ""
+                lines.append(f"  implementation match: max relative error {m.error:.2g} (allowed {m.tolerance:g}"
+                             f"{why}) {'ok' if m.passed else 'FAIL'}")
+            width = max(len(c.quantity.label) for c in s.checks)
+            lines.append(f"  {'quantity':<{width}}  {'metric':<6}  {'predicted':>9}  {'measured':>16}  verdict")
+            for c in s.checks:
+                measured = "-" if c.fit is None else f"{c.fit.slope:+.3f} +- {c.fit.ci:.3f}"
+                lines.append(f"  {c.quantity.label:<{width}}  {c.quantity.metric:<6}  {str(c.quantity.predicted):>9}"
+                             f"  {measured:>16}  {c.verdict}")
+    lines += ["", f"{rule.name}: {'PASS' if report.passed else 'FAIL'}"]
+    return "\n".join(lines)
+
+
+def plot(report: Report, path: Path) -> None:
+    """Log-log plot per role: the update's metrics over widths (derived scenario) and the predicted slopes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report.roles), figsize=(4.2 * len(report.roles), 3.8), squeeze=False)
+    widths = list(report.widths)
+    for ax, r in zip(axes[0], report.roles, strict=True):
+        checks = [c for c in r.results[0].checks if c.quantity.source != "term"]
+        for index, c in enumerate(checks):
+            color = f"C{index}"
+            ys = list(c.means)
+            ax.loglog(widths, ys, "o", color=color, label=f"{c.quantity.label} ({c.verdict})")
+            good = [(w, y) for w, y in zip(widths, ys, strict=True) if math.isfinite(y)]
+            if good:
+                lw = sum(math.log(w) for w, _ in good) / len(good)
+                ly = sum(math.log(y) for _, y in good) / len(good)
+                slope = float(c.quantity.predicted)
+                ax.loglog(widths, [math.exp(ly + slope * (math.log(w) - lw)) for w in widths], "--", color=color,
+                          alpha=0.6)
+        ax.set_title(f"{report.rule.name}: {r.role}")
+        ax.set_xlabel("width n")
+        ax.legend(fontsize=7)
+    fig.suptitle("measured (points) vs predicted slope (dashed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def command(args: argparse.Namespace) -> int:
+    """CLI entry: exit 0 when every check passes, 1 otherwise."""
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        raise MupError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,128,256") from None
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise MupError("--device cuda: no CUDA device is available")
+    if args.tolerance <= 0:
+        raise MupError(f"--tolerance {args.tolerance}: must be positive")
+    report = run_oracle(args.rule, widths=widths, steps=args.steps, seed=args.seed, tolerance=args.tolerance,
+                        device=device, progress=True)
+    print(render_table(report) if args.format == "table" else json.dumps(report.to_json(), indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{report.rule.name}.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        plot(report, out / f"{report.rule.name}.png")
+    return 0 if report.passed else 1
