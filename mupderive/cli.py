@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _convention_args(p)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate at the base (smallest) width (default: a per-rule value, see the docs)")
+    p.add_argument("--tolerance", type=float, default=0.15,
+                   help="a layer passes when |slope| <= tolerance + its 95%% CI (default: 0.15)")
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG plots here")
 
     p = sub.add_parser("transfer", help="learning-rate transfer sweep", formatter_class=fmt,
@@ -133,14 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per width and its drift across widths.")
     _rule_arg(p)
     _verify_args(p, "64,128,256,512")
-    p.add_argument("--model", default="gpt", choices=["mlp", "gpt"])
-    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: a log2 grid around the "
-                                               "rule's default lr)")
-    p.add_argument("--steps", type=int, default=200)
+    p.set_defaults(widths=None)  # unset options take the full or the --quick preset
+    p.add_argument("--model", default=None, choices=["mlp", "gpt"], help="default: gpt (mlp with --quick)")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the rule's default lr "
+                                               "times 2^-4 .. 2^4; 2^-2 .. 2^2 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="default: 200 (20 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 16 sequences for gpt, 64 for mlp "
+                                                                "(8 and 32 with --quick)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
-    p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE", help="SQLite results store")
-    p.add_argument("--out", default=None, metavar="DIR", help="write the plot (PNG) and tables here")
+    p.add_argument("--quick", action="store_true",
+                   help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
+    p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE",
+                   help="SQLite results store: finished runs are skipped, so an interrupted sweep resumes")
+    p.add_argument("--format", default="table", choices=["table", "json"], help="what to print")
+    p.add_argument("--out", default=None, metavar="DIR", help="write the plot (PNG) and the JSON report here")
     return parser
 
 
