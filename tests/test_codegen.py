@@ -420,3 +420,27 @@ def test_hybrid_optimizer_delegates_and_round_trips(tmp_path):
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.002) and len(fresh.state) == len(opt.state)
     train(fresh, 2)
     assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in model.state_dict().items())
+
+
+def test_delta_gives_roles_to_a_model_at_its_base_width(tmp_path):
+    """A model equal to its base has no visibly scaling dimension; ``delta`` (another width) supplies them."""
+    import importlib.util
+
+    from mupderive import derive
+    from mupderive.codegen import generate
+    from mupderive.verify.models import MLP
+
+    path = tmp_path / "mup_muon_delta.py"
+    path.write_text(generate(derive("muon")))
+    spec = importlib.util.spec_from_file_location("mup_muon_delta", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plain = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4))
+    assert set(plain.roles.values()) == {"fixed"}
+    p = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4), delta=MLP(8, 64, 4))
+    assert p.roles["hidden.0.weight"] == "hidden" and p.roles["input.weight"] == "input"
+    assert p.roles["readout.weight"] == "output" and p.roles["hidden.0.bias"] == "vector"
+    assert set(p.ratios.values()) == {1.0}
+    opt = p.optimizer()
+    assert {g["mup_role"] for g in opt.param_groups} == {"input", "hidden", "output", "vector", "fixed"}
+    assert p.roles["readout.bias"] == "fixed"  # its size (the classes) does not scale

@@ -120,6 +120,7 @@ def _usage(derivation: Derivation, parts: list[Part]) -> list[str]:
     lines = [f"import mup_{name} as mu", "",
              "model = Net(width=1024)",
              "p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})",
+             "# at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))",
              "p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)",
              f"opt = p.optimizer({', '.join(lrs)})",
              "print(p.describe())                    # per parameter: role, ratio, multiplier, init, factors",

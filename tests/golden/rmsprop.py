@@ -54,6 +54,7 @@ Usage:
 
     model = Net(width=1024)
     p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})
+    # at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))
     p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)
     opt = p.optimizer(lr=0.01)
     print(p.describe())                    # per parameter: role, ratio, multiplier, init, factors
@@ -110,7 +111,9 @@ class MuP:
     """The derived parameterization applied to ``model``, measured against a base model of the same architecture.
 
     Construction classifies every parameter by comparing its shape with the base (a dimension scales iff its size
-    differs) and installs the forward multipliers that differ from 1. Nothing is stored on tensors: a multiplier
+    differs; with ``delta``, a third instance at yet another width, iff it differs between base and delta, as in
+    the ``mup`` package, so a model equal to its base still gets its roles) and installs the forward multipliers
+    that differ from 1. Nothing is stored on tensors: a multiplier
     is a forward pre-hook scaling the input of an ``nn.Linear``/convolution (so its bias is untouched) or a forward
     hook scaling an ``nn.Embedding``'s output, each closing over one Python float. ``state_dict`` keys are
     unchanged, DDP/FSDP see ordinary modules, and ``torch.compile`` traces the hooks.
@@ -127,19 +130,21 @@ class MuP:
     """
 
     def __init__(self, model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]], *,
-                 readout: str | None = None, roles: Mapping[str, str] | None = None) -> None:
+                 delta: nn.Module | Mapping[str, Sequence[int]] | None = None, readout: str | None = None,
+                 roles: Mapping[str, str] | None = None) -> None:
         self.model = model
         base_shapes = _shapes(base)
         owners = _owners(model)
         params = dict(model.named_parameters())
-        if missing := sorted(set(params) - set(base_shapes)):
-            raise ValueError(f"parameters missing from the base: {', '.join(missing)}")
+        probe = _shapes(delta) if delta is not None else {name: tuple(p.shape) for name, p in params.items()}
+        if missing := sorted(set(params) - set(base_shapes) | set(params) - set(probe)):
+            raise ValueError(f"parameters missing from the base or delta: {', '.join(missing)}")
         fans = {name: _fan_axes(owners[name], param.ndim) for name, param in params.items()}
-        self.roles = {name: _role(tuple(param.shape), tuple(base_shapes[name]), *fans[name], name)
-                      for name, param in params.items()}
+        scaling = {name: _scaling(probe[name], base_shapes[name], name) for name in params}
+        self.roles = {name: _role(scaling[name], *fans[name]) for name in params}
         _override(self.roles, params, owners, readout, roles or {})
-        self.ratios = {name: 1.0 if self.roles[name] == "fixed" else _ratio(tuple(param.shape),
-                                                                             tuple(base_shapes[name]), name)
+        self.ratios = {name: 1.0 if self.roles[name] == "fixed" else
+                       _ratio(tuple(param.shape), base_shapes[name], scaling[name], name)
                        for name, param in params.items()}
         self.multipliers = {name: self._factor(name, "multiplier") for name in params}
         self._init = {name: _init_plan(name, owners[name], param, self.roles[name], tuple(base_shapes[name]),
@@ -263,14 +268,18 @@ def _fan_axes(module: nn.Module, ndim: int) -> tuple[int, tuple[int, ...]]:
     return 0, tuple(range(1, ndim))
 
 
-def _role(shape: tuple[int, ...], base: tuple[int, ...], out_axis: int, in_axes: tuple[int, ...], name: str) -> str:
-    """The role of a parameter from which of its dimensions differ from the base's."""
+def _scaling(shape: tuple[int, ...], base: tuple[int, ...], name: str) -> tuple[bool, ...]:
+    """Which dimensions scale with width: those whose size differs from the base's."""
     if len(shape) != len(base):
         raise ValueError(f"{name}: shape {shape} and base shape {base} have different ranks")
-    scales = [n != b for n, b in zip(shape, base, strict=True)]
+    return tuple(n != b for n, b in zip(shape, base, strict=True))
+
+
+def _role(scales: tuple[bool, ...], out_axis: int, in_axes: tuple[int, ...]) -> str:
+    """The role of a parameter from which of its dimensions scale."""
     if not any(scales):
         return "fixed"
-    if len(shape) == 1:
+    if len(scales) == 1:
         return "vector"
     fan_out, fan_in = scales[out_axis], any(scales[axis] for axis in in_axes)
     return "hidden" if fan_out and fan_in else "input" if fan_out else "output"
@@ -295,9 +304,9 @@ def _override(roles: dict[str, str], params: dict[str, torch.Tensor], owners: di
         roles[name] = role or roles[name]
 
 
-def _ratio(shape: tuple[int, ...], base: tuple[int, ...], name: str) -> float:
+def _ratio(shape: tuple[int, ...], base: tuple[int, ...], scales: tuple[bool, ...], name: str) -> float:
     """n / n_base over the scaling dimensions (geometric mean, with a warning, when they disagree)."""
-    ratios = [n / b for n, b in zip(shape, base, strict=True) if n != b]
+    ratios = [n / b for n, b, s in zip(shape, base, scales, strict=True) if s]
     if not ratios:
         return 1.0
     if max(ratios) > min(ratios) * (1 + 1e-9):
