@@ -12,7 +12,6 @@ Per width the optimum is the vertex of the parabola through the best grid point 
 from __future__ import annotations
 
 import argparse
-import glob
 import inspect
 import itertools
 import json
@@ -111,9 +110,9 @@ class Sweep:
         if config.parameterization == "derived" or self.rule.implementation.cls is None:
             source = generated_source(self.rule)
             self.generated = import_source(source)
-        self.roles = role_overrides(self.generated, config.model, self.base_width) if self.generated else {}
         if config.parameterization == "derived":
-            self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width, "roles": self.roles}
+            self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width,
+                                "delta_width": 2 * self.base_width}
         elif self.generated is not None:  # no library class: the generated optimizer with the model as its own base
             self.setup = {"generated_optimizer": digest(source), "init": "default", "width_ratios": 1}
         else:
@@ -144,7 +143,8 @@ class Sweep:
         if self.generated is None:
             return standard_optimizer(self.setup, model, hidden_matrices(self.config.model, width), lr)
         if self.config.parameterization == "derived":
-            mup = self.generated.MuP(model, self.config.model.shapes(self.base_width), roles=self.roles)
+            shapes = self.config.model.shapes  # delta: a model at the base width itself keeps its roles
+            mup = self.generated.MuP(model, shapes(self.base_width), delta=shapes(2 * self.base_width))
             mup.initialize_()
         else:  # no library class: the generated optimizer with the model as its own base (every ratio 1)
             mup = self.generated.MuP(model, self.config.model.shapes(width))
@@ -175,18 +175,6 @@ class Sweep:
             diverged_step=diverged_step, train_loss=train_loss, val_loss=val_loss, losses=result.losses,
             wall_s=time.perf_counter() - start, device=str(self.device), torch_version=torch.__version__,
             config=self.identity | {"rule": c.rule, "widths": list(c.widths), "lrs": list(c.lrs), "seeds": c.seeds})
-
-
-def role_overrides(module, spec: ModelSpec, base_width: int) -> dict[str, str]:
-    """Each parameter's role as the generated module sees it at twice the base width, as exact-name overrides.
-
-    A model equal to its base has no dimension that differs from the base, so the module would call every parameter
-    'fixed' (default init, base hyperparameters, a hybrid's fallback optimizer): naming the roles keeps the smallest
-    width of the sweep in the derived parameterization, at width ratio 1.
-    """
-    with torch.device("meta"):
-        wider = spec.build(2 * base_width)
-    return {glob.escape(name): role for name, role in module.MuP(wider, spec.shapes(base_width)).roles.items()}
 
 
 def generated_source(rule) -> str:
