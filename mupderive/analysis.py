@@ -87,7 +87,8 @@ def first_step(rule: Rule | str, chain: list[tuple[str, str]], parameterization:
         layer = make_layer(role, k.multiplier, k.init_std)
         layer = Layer(layer.role, o, i, k.multiplier, k.init_std, layer.vector, ZERO if role == "output" else shift)
         flags = {h.name: h.default for h in applied.hypers if isinstance(h.default, bool)}
-        outcome = evaluate(applied, layer, flags, k.hyper, balance=False)
+        pins = {name: None if applied.hyper(name).default == 0 else e for name, e in k.hyper.items()}
+        outcome = evaluate(applied, layer, flags, pins, balance=False)  # a hyperparameter set to 0 is absent
         effect = Frame({"o": o, "i": i}, Signs()).metric(outcome.direction, "effect")
         own = k.multiplier + k.lr + effect - (o - i) * HALF
         propagated = None if previous is None or role == "vector" else \

@@ -137,7 +137,7 @@ class Evaluator:
     """One evaluation of a body for one layer; see the module docstring."""
 
     def __init__(self, path: str, body: Body, hypers: tuple[Hyper, ...], layer: Layer, signs: Signs,
-                 pinned: dict[str, Exp], flags: dict[str, bool], balance: bool) -> None:
+                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool) -> None:
         self.path, self.body, self.layer, self.signs = path, body, layer, signs
         self.hypers = {h.name: h for h in hypers}
         self.order = [h.name for h in hypers]
@@ -167,6 +167,8 @@ class Evaluator:
         for name, hyper in self.hypers.items():
             if hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
                 env[name] = scalar(ZERO, hyper.default >= 0) if hyper.default != 0 else Value((), ())
+            elif hyper.role == "scale" and name in self.pinned and self.pinned[name] is None:
+                env[name] = Value((), ())  # pinned absent: the hyperparameter is set to 0
             elif hyper.role == "scale":
                 e = self.pinned.get(name, Exp.sym(hyper_symbol(name)))
                 env[name] = scalar(e, hyper.default >= 0, frozenset({name}))

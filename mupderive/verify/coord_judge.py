@@ -1,0 +1,208 @@
+"""Verdicts of a coordinate check: which layer keeps its scale, which matches the engine, and why one fails.
+
+Slopes are judged at three checkpoints: ``init`` (step 0, activations only), ``first`` (the first step that moved
+the model: step 1, or step 2 for a rule whose first step only fills its state, such as ADOPT) and ``last`` (the
+geometric mean over the last half of the steps, which averages out step-to-step noise).
+
+A layer passes (is width-stable) when every slope meets its target within ``tolerance + ci``: activation, change
+and own-update effect flat (slope 0). A slope whose 95% interval is wider than ``2 tolerance`` is too noisy to
+judge and fails as inconclusive (more seeds or widths settle it), so noise never passes for flatness.
+
+The readout is the exception the spectral condition allows: its init may be smaller than Theta(1) (derived:
+exactly the derivation's ``multiplier + init_std + 1/2``, e.g. n^-1/2 for the spectral readout init 1/fan_in), so
+its initial weights pass on a vanishing share of the change below; its activation and change must then not grow
+(slope <= 0 + tolerance + ci) while its own update must stay flat.
+
+Agreement with the engine is judged separately (``agrees``): for the derived parameterization the prediction is
+the target; for the standard parameterization on the MLP it is ``first_step``'s ``change`` and ``own`` exponents at
+the first step and, for a layer predicted to move, a slope of that sign beyond the tolerance at the last steps
+(the blow-up persists). The standard parameterization's activations have no finite-width prediction
+(``max(init, change)`` is a crossover at practical widths), and the GPT has no first-step model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mupderive.verify.coord_fit import Slope, fit_slope
+from mupderive.verify.coord_measure import QUANTITIES
+
+JUDGED = ("activation", "change", "effect")
+
+
+def checkpoints(rms: np.ndarray) -> dict[str, list[int]]:
+    """``{"init": [0], "first": [first step that moved the model], "last": [the last half of the steps]}``."""
+    steps = rms.shape[2] - 1
+    moved = [t for t in range(1, steps + 1) if np.any(rms[:, :, t, :, QUANTITIES.index("effect")] > 0)]
+    first = moved[0] if moved else 1
+    return {"init": [0], "first": [first], "last": list(range(steps - max(steps // 2, 1) + 1, steps + 1))}
+
+
+def checkpoint_rms(rms: np.ndarray, steps: list[int]) -> np.ndarray:
+    """``rms[seed, width, layer, quantity]``: the geometric mean of ``rms[seed, width, step, ...]`` over ``steps``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.exp(np.log(rms[:, :, steps]).mean(axis=2))
+
+
+@dataclass(frozen=True)
+class Expect:
+    """An expected slope: ``=`` value (within the tolerance), ``<=`` value, or a sign ``>``/``<`` beyond it."""
+
+    relation: str
+    value: float = 0.0
+
+    def holds(self, s: Slope, tolerance: float) -> bool:
+        if not s.finite:
+            return False
+        margin = tolerance + s.ci
+        return {"=": abs(s.value - self.value) <= margin, "<=": s.value <= self.value + margin,
+                ">": s.value > self.value + tolerance, "<": s.value < self.value - tolerance}[self.relation]
+
+    def __str__(self) -> str:
+        value = f"{self.value:.3g}"
+        return value if self.relation == "=" else f"{self.relation} {value}"
+
+
+FLAT, NOT_ABOVE = Expect("="), Expect("<=")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What each slope should be.
+
+    ``readout_init``: the readout activation's slope at init (derived: the derivation's exponent; standard: at most
+    0). ``predictions``: None for the derived parameterization (the engine predicts the targets), else the
+    standard parameterization's first-step ``change`` and ``effect`` exponents per layer (empty for the GPT).
+    """
+
+    readout_init: Expect
+    predictions: dict[str, dict[str, float]] | None
+
+    def target(self, role: str, quantity: str, checkpoint: str) -> Expect:
+        """The width-stable target of one slope."""
+        if role != "output":
+            return FLAT
+        if checkpoint == "init":
+            return self.readout_init
+        return FLAT if quantity == "effect" else NOT_ABOVE
+
+    def prediction(self, layer: str, role: str, quantity: str, checkpoint: str) -> Expect | None:
+        """The engine's prediction of one slope, or None where it makes none."""
+        if self.predictions is None:
+            return self.target(role, quantity, checkpoint)
+        first = self.predictions.get(layer, {})
+        if checkpoint == "init" or quantity not in first:
+            return None
+        value = first[quantity]
+        if checkpoint == "first":
+            return Expect("=", value)
+        return None if value == 0 else Expect(">" if value > 0 else "<")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One judged slope: does it meet its width-stable target, and does it match the engine (where it predicts)?"""
+
+    layer: str
+    role: str
+    quantity: str
+    checkpoint: str
+    slope: Slope
+    target: Expect
+    passed: bool
+    expected: Expect | None
+    agrees: bool | None
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "role": self.role, "quantity": self.quantity, "checkpoint": self.checkpoint,
+                **self.slope.to_json(), "target": str(self.target), "passed": self.passed,
+                "expected": None if self.expected is None else str(self.expected), "agrees": self.agrees}
+
+
+def judge(rms: np.ndarray, widths: list[int], layers: dict[str, str], tolerance: float,
+          targets: Targets) -> list[Check]:
+    """Judge every layer (``layers``: name -> role, in forward order) at every checkpoint."""
+    checks = []
+    for checkpoint, steps in checkpoints(rms).items():
+        values = checkpoint_rms(rms, steps)
+        for index, (layer, role) in enumerate(layers.items()):
+            for quantity in ("activation",) if checkpoint == "init" else JUDGED:
+                s = fit_slope(widths, values[:, :, index, QUANTITIES.index(quantity)])
+                target = targets.target(role, quantity, checkpoint)
+                expected = targets.prediction(layer, role, quantity, checkpoint)
+                passed = target.holds(s, tolerance) and s.ci <= 2 * tolerance
+                checks.append(Check(layer, role, quantity, checkpoint, s, target, passed, expected,
+                                    None if expected is None else expected.holds(s, tolerance)))
+    return checks
+
+
+def _role_words(role: str) -> str:
+    return "vector (bias and gain)" if role == "vector" else role
+
+
+def _excess(check: Check) -> float:
+    """How far a failing slope is from its target, in units of slope (inf when not finite)."""
+    s = check.slope
+    return abs(s.value - check.target.value) - s.ci if s.finite else np.inf
+
+
+def _moves(s: Slope, tolerance: float) -> bool:
+    return s.finite and abs(s.value) > tolerance + s.ci
+
+
+def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks: list[Check],
+             tolerance: float) -> list[tuple[str, str]]:
+    """``[(layer, message)]`` for each failing layer: its worst slope and the likely cause.
+
+    The cause is read off the same measurements, first match wins: a layer whose input already scales at the
+    failing checkpoint (or at init, for an activation that scaled from the start) inherits it from below; an
+    activation that scaled at init with a flat input means the layer's init std (or multiplier) is off; the
+    update's gain ``effect / input`` (how W_t - W_0 scales on the layer's actual input) points at the layer's own
+    learning rate; what remains is a change propagated through the initial weights.
+    """
+    names = list(layers)
+    marks = checkpoints(rms)
+    column = {q: QUANTITIES.index(q) for q in QUANTITIES}
+    failures: list[tuple[str, str]] = []
+    for layer, role in layers.items():
+        bad = [c for c in checks if c.layer == layer and not c.passed]
+        if not bad:
+            continue
+        worst = max(bad, key=_excess)
+        where = "init" if worst.checkpoint == "init" else f"{worst.quantity} at {worst.checkpoint} step"
+        s = worst.slope
+        if not s.finite:
+            failures.append((layer, f"{layer} ({role}): non-finite or zero values ({where}): training diverged "
+                                    "or the layer never moved"))
+            continue
+        if worst.target.holds(s, tolerance):
+            failures.append((layer, f"{layer} ({role}): slope {s.value:+.2f} ± {s.ci:.2f} ({where}) is too noisy "
+                                    f"to judge (95% CI wider than ±{2 * tolerance:g}): add seeds or widths"))
+            continue
+        head = f"{layer} ({role}) {'blows up' if s.value > worst.target.value else 'vanishes'} as " \
+               f"n^{s.value:+.2f} ({where})"
+        index = names.index(layer)
+        init = next(c for c in checks if c.layer == layer and c.checkpoint == "init")
+        from_init = worst.quantity == "activation" and not init.passed
+        values = checkpoint_rms(rms, [0] if from_init else marks[worst.checkpoint])[:, :, index]
+        inp = fit_slope(widths, values[:, :, column["input"]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = fit_slope(widths, values[:, :, column["effect"]] / values[:, :, column["input"]])
+        below = next((name for name, _ in failures), None)
+        if _moves(inp, tolerance):
+            cause = f"inherited: its input scales as n^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+        elif from_init:
+            cause = f"its initialization: activations scale as n^{init.slope.value:+.2f} at step 0 (target " \
+                    f"{init.target}) on a width-independent input, so the {_role_words(role)} init std (or " \
+                    f"multiplier) is off"
+        elif _moves(gain, tolerance):
+            size = "too large" if gain.value > 0 else "too small"
+            cause = f"the {_role_words(role)} learning rate is {size} for this width (its update acting on its " \
+                    f"input scales as n^{gain.value:+.2f})"
+        else:
+            cause = "propagated through the initial weights from a change below" + \
+                    (f" ({below})" if below else "") + ", while its own update keeps its scale"
+        failures.append((layer, f"{head}: {cause}"))
+    return failures

@@ -1,0 +1,119 @@
+"""The models a coordinate check trains and their data: an MLP on character contexts and a small GPT.
+
+A task builds its model at any width and draws batches from the shipped corpus. ``roles`` reads each parameter's
+role off which of its dimensions grow with the width (the same rule the generated module applies), and ``chain`` is
+the MLP's layer chain for the engine's first-step prediction (none exists for the GPT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mupderive.errors import MupError
+from mupderive.verify.data import CharVocab, Device, char_batches, context_batches
+from mupderive.verify.models import GPT, MLP, layer_names
+
+VOCAB = CharVocab().size
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MLPTask:
+    """ReLU MLP (``depth`` Linear layers) predicting the next character from ``context`` one-hot characters."""
+
+    context: int = 4
+    depth: int = 4
+    batch_size: int = 32
+    eval_size: int = 32
+    name = "mlp"
+
+    def build(self, width: int) -> nn.Module:
+        return MLP(self.context * VOCAB, width, VOCAB, self.depth)
+
+    def batches(self, text: str, generator: torch.Generator, device: Device, batch_size: int) -> Batches:
+        scale = VOCAB**0.5  # one-hot entries have rms 1/sqrt(VOCAB): scale the inputs to unit rms
+        return ((x * scale, y) for x, y in context_batches(text, self.context, batch_size, generator, device))
+
+    def chain(self) -> list[tuple[str, str]]:
+        """[(layer, role)] in forward order, as ``mupderive.analysis.first_step`` takes it."""
+        hidden = [(f"hidden.{k}", "hidden") for k in range(self.depth - 2)]
+        return [("input", "input"), *hidden, ("readout", "output")]
+
+    def check_widths(self, widths: list[int]) -> None:
+        """Every width is valid for the MLP."""
+
+
+@dataclass(frozen=True)
+class GPTTask:
+    """nanoGPT-style decoder on next-character prediction (the check uses attn_scale="standard" for the standard
+    parameterization and "mup", 1/head_dim, for the derived one)."""
+
+    n_layer: int = 2
+    n_head: int = 4
+    block_size: int = 32
+    batch_size: int = 8
+    eval_size: int = 8
+    attn_scale: str = "mup"
+    name = "gpt"
+
+    def build(self, width: int) -> nn.Module:
+        return GPT(VOCAB, width, self.n_layer, self.n_head, self.block_size, self.attn_scale)
+
+    def batches(self, text: str, generator: torch.Generator, device: Device, batch_size: int) -> Batches:
+        return char_batches(text, self.block_size, batch_size, generator, device)
+
+    def chain(self) -> None:
+        """No per-layer prediction of the standard parameterization exists for the GPT."""
+        return None
+
+    def check_widths(self, widths: list[int]) -> None:
+        if bad := [w for w in widths if w % self.n_head]:
+            raise MupError(f"GPT widths must be multiples of n_head={self.n_head}; got {bad}")
+
+
+Task = MLPTask | GPTTask
+
+
+def _fans(module: nn.Module, name: str, shape: torch.Size) -> tuple[int, ...]:
+    """(fan_out, fan_in) of a matrix (an Embedding table is stored transposed), or the shape of a vector."""
+    if isinstance(module, nn.Embedding) and name == "weight":
+        return shape[1], shape[0]
+    return tuple(shape)
+
+
+def roles(task: Task, width: int) -> dict[str, str]:
+    """``{parameter name: input|hidden|output|vector|fixed}`` from which fans grow between ``width`` and ``2 width``."""
+    with torch.device("meta"):
+        small, large = task.build(width), task.build(2 * width)
+    grows = {}
+    for model, key in ((small, 0), (large, 1)):
+        for mod_name, module in model.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                grows.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, [None, None])[key] = \
+                    _fans(module, p_name, p.shape)
+    out = {}
+    for name, (a, b) in grows.items():
+        wide = tuple(x != y for x, y in zip(a, b, strict=True))
+        if len(wide) == 1:
+            out[name] = "vector" if wide[0] else "fixed"
+        else:
+            out[name] = {(True, True): "hidden", (True, False): "input", (False, True): "output"}.get(wide, "fixed")
+    return out
+
+
+def layer_roles(task: Task, width: int) -> dict[str, str]:
+    """``{layer name: role}`` for the recorded layers, the role of each layer's weight."""
+    with torch.device("meta"):
+        names = layer_names(task.build(width))
+    params = roles(task, width)
+    return {name: params[f"{name}.weight"] for name in names}
+
+
+def base_shapes(task: Task, width: int) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: shape}`` of the model at ``width`` (built on the meta device, no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in task.build(width).named_parameters()}
