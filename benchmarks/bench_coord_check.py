@@ -46,10 +46,10 @@ def time_codegen() -> float:
     """Seconds to derive Adam, generate its module and import it: part of every check, independent of the widths."""
     from mupderive import derive
     from mupderive.codegen import generate
-    from mupderive.verify.coord_setup import load_generated
+    from mupderive.verify.train import import_source
 
     start = time.perf_counter()
-    load_generated(generate(derive("adam")))
+    import_source(generate(derive("adam")))
     return time.perf_counter() - start
 
 

@@ -34,14 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = CharVocab().size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on small or busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @functools.cache
 def source(rule: str, convention: str = "spectral", backend: str = "auto") -> str:

@@ -20,14 +20,6 @@ STEPS = 20
 SHAPES = [(8, 5), (5,), (3, 7)]  # a matrix, a vector, a wide matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on small or busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def load(source: str, path) -> object:
     path.write_text(source)

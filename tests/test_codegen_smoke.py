@@ -19,14 +19,6 @@ VOCAB = CharVocab().size
 CONTEXT = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on small or busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def golden(rule: str):
     spec = importlib.util.spec_from_file_location(f"golden_{rule}", GOLDEN_DIR / f"{rule}.py")

@@ -27,20 +27,13 @@ from mupderive.verify.coord_check import run_check
 from mupderive.verify.coord_fit import fit_slope, t975
 from mupderive.verify.coord_judge import FLAT, NOT_ABOVE, Expect, checkpoints
 from mupderive.verify.coord_measure import QUANTITIES, train_and_measure
-from mupderive.verify.coord_setup import load_generated
 from mupderive.verify.coord_task import GPTTask, MLPTask, base_shapes, roles
+from mupderive.verify.train import import_source
 
 WIDTHS = (32, 64, 128, 256)
 SLOW_ON_CPU = {"muon", "shampoo"}
 GPT = GPTTask(n_layer=1, block_size=16)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def check(rule, task=None, widths=WIDTHS, parameterization="derived", steps=3, seeds=3, **kw):
@@ -112,7 +105,7 @@ def test_roles_are_read_off_the_widths():
 def test_roles_agree_with_the_generated_module(task):
     from mupderive.codegen import generate
 
-    module = load_generated(generate(derive("adam")))
+    module = import_source(generate(derive("adam")))
     assert module.MuP(task.build(64), base_shapes(task, 32)).roles == roles(task, 32)
     at_base = module.MuP(task.build(32), base_shapes(task, 32), delta=base_shapes(task, 64))  # as the check builds it
     assert at_base.roles == roles(task, 32) and set(at_base.ratios.values()) == {1.0}

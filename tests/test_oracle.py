@@ -9,7 +9,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
 
 from mupderive import builtin_rule_names, derive
 from mupderive.cli import main
@@ -40,14 +39,6 @@ KNOWN: dict[tuple[str, str, str], tuple[str, bool]] = {
                                       + _TRUST.format(start=4.8, flip=1500), True),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small float64 kernels run fastest single-threaded (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -20,14 +20,6 @@ from mupderive.verify.transfer import Sweep, find_optimum, make_config, run_swee
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest single-threaded (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(rule="adamw", parameterization="standard", **changes):
     """A quick sweep cut down further: 3 widths x 2 lrs, a few steps."""

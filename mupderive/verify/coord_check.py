@@ -36,9 +36,10 @@ from mupderive.language.rule import Rule
 from mupderive.solver import Fix, parse_fix
 from mupderive.verify.coord_judge import NOT_ABOVE, Check, Expect, Targets, diagnose, judge
 from mupderive.verify.coord_measure import train_and_measure
-from mupderive.verify.coord_setup import Derived, Standard, needs_graph
+from mupderive.verify.coord_setup import Derived, Standard
 from mupderive.verify.coord_task import GPTTask, MLPTask, Task, base_shapes, layer_roles, roles
 from mupderive.verify.data import load_corpus, split_corpus
+from mupderive.verify.train import needs_graph
 
 BASE_LR = {"adafactor": 1e-2, "adam": 1e-3, "adam_atan2": 1e-3, "adamw": 1e-3, "adopt": 1e-3, "lamb": 1e-3,
            "lion": 1e-4, "muon": 1e-3, "rmsprop": 1e-4, "sgd": 3e-2, "shampoo": 1e-3, "signsgd": 1e-3,
