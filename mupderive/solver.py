@@ -20,7 +20,9 @@ from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, 
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.errors import CalculusError, MupError
-from mupderive.language.rule import ROLES, Rule
+from mupderive.language.ir import names
+from mupderive.language.printer import show_expr
+from mupderive.language.rule import ROLES, Body, Rule
 
 FANS: dict[str, tuple[int, int]] = {"input": (1, 0), "hidden": (1, 1), "output": (0, 1), "vector": (1, 0)}
 CONVENTIONS: dict[str, dict[str, Fraction]] = {
@@ -97,8 +99,27 @@ def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, E
     return _MEMO[key]
 
 
+def gradient_inputs(body: Body) -> set[str]:
+    """Which of G and H the direction depends on, following locals and states back to the inputs."""
+    defs: dict[str, set[str]] = {name: names(init) for name, init in body.state}
+    for stmt in body.compute:
+        defs[stmt.target] = defs.get(stmt.target, set()) | names(stmt.value)
+    seen, todo = set(), list(names(body.direction))
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(defs.get(name, ()))
+    return seen & {"G", "H"}
+
+
 def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs | None = None) -> Balanced:
     """Solve every scale-carrying hyperparameter by regime preservation, then the learning rate."""
+    body = rule.body(layer.role if layer.vector else "matrix")
+    if not gradient_inputs(body):
+        raise CalculusError(f"{rule.path or rule.name}:{body.direction.loc.line}:{body.direction.loc.col}: the "
+                            f"direction {show_expr(body.direction)} does not depend on the gradient: no learning "
+                            f"rate makes it learn features")
     signs = signs or Signs()
     pins: dict[str, Exp] = {}
     notes: list[str] = []

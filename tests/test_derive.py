@@ -239,6 +239,7 @@ direction = "{direction}"
     ("W @ G.T @ G", "cannot bound a matrix product"),
     ("G * mean(G) + eps * G", "mean() of a quantity that can be negative"),
     ("G / (rms(G) + eps) * min(fro_norm(G), eps)", "contradiction"),
+    ("W / (rms(W) + eps)", "does not depend on the gradient"),
 ])
 def test_unboundable_rules_are_reported_with_the_term(direction, message, tmp_path):
     rule = parse_rule(_rule(direction), tmp_path / "probe.toml")
