@@ -23,6 +23,7 @@ examples:
   mupderive derive adamw                       # per-layer exponents (TP-V Table 3 convention)
   mupderive derive adamw --convention mup-package --format json
   mupderive explain lamb --layer hidden        # the derivation step by step
+  mupderive compare adam table8.json           # is a published table the same parameterization?
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
@@ -93,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "fan_in ~ n^I (default: the four roles)")
     p.add_argument("--format", default="text", choices=["text", "markdown"])
 
+    p = sub.add_parser("compare", help="check a published table of exponents against the derivation",
+                       formatter_class=fmt,
+                       description="Compare a table of width exponents (JSON shaped like `derive --format json`: "
+                                   "{\"layers\": {ROLE: {\"multiplier\": \"-1\", \"init_std\": \"0\", "
+                                   "\"lr\": \"0\", ...}}}) with the derivation in the table's own multiplier "
+                                   "convention, i.e. modulo the abc-symmetry. Exit 0 when it is the same "
+                                   "parameterization, 1 when an exponent differs (each is named, with what it does).")
+    _rule_arg(p)
+    p.add_argument("table", metavar="TABLE.json", help="the exponents to check")
+    p.add_argument("--format", default="table", choices=["table", "json"])
+
     p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,
                        description="Render the templates into one Python module that applies the derived rules "
                                    "to any model (given a smaller base model) and builds the real optimizer with "
@@ -161,6 +173,7 @@ COMMANDS = {
     "show": "mupderive.commands:show",
     "derive": "mupderive.commands:derive",
     "explain": "mupderive.commands:explain",
+    "compare": "mupderive.commands:compare_table",
     "generate": "mupderive.codegen.generate:command",
     "oracle": "mupderive.verify.oracle:command",
     "coord-check": "mupderive.verify.coord_check:command",

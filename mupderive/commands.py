@@ -72,3 +72,17 @@ def explain(args: argparse.Namespace) -> int:
     roles = [_layer(args.layer)[0] if custom else args.layer] if args.layer else list(ROLES)
     print(explain_derivation(d, roles, markdown=args.format == "markdown"))
     return 0
+
+
+def compare_table(args: argparse.Namespace) -> int:
+    from mupderive.compare import compare, read_table, report
+
+    d, entries = compare(load_rule(args.rule), read_table(args.table))
+    if args.format == "json":
+        print(json.dumps({"rule": d.rule.name, "same": all(e.agrees for e in entries),
+                          "entries": [{"role": e.role, "quantity": e.quantity, "table": str(e.table),
+                                       "derived": None if e.derived is None else str(e.derived),
+                                       "agrees": e.agrees, "note": e.note} for e in entries]}, indent=2))
+    else:
+        print(report(d, entries))
+    return 0 if all(e.agrees for e in entries) else 1

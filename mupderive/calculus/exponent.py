@@ -3,8 +3,9 @@
 Every quantity the calculus tracks scales as ``n^e`` with ``e`` affine in a few symbols: the fan exponents ``o``
 and ``i``, the forward-multiplier exponent ``m``, and the unknown exponents of hyperparameters. Coefficients are
 sympy's exact rationals (``MPQ``, the ground type under ``sympy.Rational``), kept in a flat affine form because the
-calculus does only linear arithmetic and must be fast; :meth:`Exp.sympy` gives the sympy expression. Deciding which
-of two exponents is larger uses sign assumptions on the symbols; when they do not settle it, :class:`Undecidable`.
+calculus does only linear arithmetic and must be fast (results leave as sympy ``Rational``s and expressions, see
+:mod:`mupderive.derivation`). Deciding which of two exponents is larger uses sign assumptions on the symbols; when they
+do not settle it, :class:`Undecidable`.
 """
 
 from __future__ import annotations
@@ -128,15 +129,6 @@ class Exp:
 
     def coefficient(self, name: str) -> MPQ:
         return self.coef.get(name, _ZERO_Q)
-
-    def sympy(self, symbols: Mapping[str, sympy.Expr] | None = None) -> sympy.Expr:
-        """This exponent as an exact sympy expression (Rational when constant)."""
-        symbols = symbols or {}
-        out: sympy.Expr = sympy.Rational(self.const.numerator, self.const.denominator)
-        for k in sorted(self.coef):
-            v = self.coef[k]
-            out += sympy.Rational(v.numerator, v.denominator) * symbols.get(k, sympy.Symbol(k))
-        return out
 
     def __str__(self) -> str:
         """Compact text such as ``-1/2`` or ``1/2*o - i`` (no sympy round-trip: it is on hot paths)."""
