@@ -69,7 +69,12 @@ HELPERS = {
     return u @ vh''',
     "trust_ratio": '''def _trust_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a / b where both are positive, else 1 (the layerwise trust-ratio guard of LAMB and LARS)."""
-    return torch.where((a > 0) & (b > 0), a / b, torch.ones_like(a))''',
+    return torch.where((a > 0) & (b > 0), a / b, torch.ones_like(a))
+
+
+def _trust_ratios(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """_trust_ratio of each pair, computed once on the stacked scalars."""
+    return list(_trust_ratio(torch.stack(a), torch.stack(b)).unbind())''',
     "matpow": '''def _matpow(a: torch.Tensor, p: float, damping: float) -> torch.Tensor:
     """(a + damping I)^p of a symmetric PSD matrix, from its eigendecomposition."""
     evals, evecs = torch.linalg.eigh(a + damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
@@ -293,6 +298,8 @@ class Emitter:
         shape = _result_shape(fn, [a.shape for a in args])
         if fn == "fro_norm" and self.foreach:
             return self.new(f"torch._foreach_norm({args[0].code})", shape, scale)
+        if fn == "trust_ratio" and self.foreach and all(a.kind == "t" for a in args):
+            return self.new(f"_trust_ratios({args[0].code}, {args[1].code})", shape, scale)
         code = self.mapped(TENSOR_CALLS[fn], args)
         if fn == "transpose":
             name = self.temp(code)

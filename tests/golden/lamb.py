@@ -114,6 +114,11 @@ def _trust_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((a > 0) & (b > 0), a / b, torch.ones_like(a))
 
 
+def _trust_ratios(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """_trust_ratio of each pair, computed once on the stacked scalars."""
+    return list(_trust_ratio(torch.stack(a), torch.stack(b)).unbind())
+
+
 def _lamb_matrix_init(param: torch.Tensor, grad: torch.Tensor, group: dict) -> dict:
     """Initial state of a parameter at its first step."""
     # m = zeros(G)
@@ -154,7 +159,7 @@ def _lamb_matrix_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], 
     torch._foreach_clamp_max_(_t4, clamp)
     _t5 = torch._foreach_norm(u)
     torch._foreach_add_(_t5, eps)
-    trust = [_trust_ratio(_a, _b) for _a, _b in zip(_t4, _t5, strict=True)]
+    trust = _trust_ratios(_t4, _t5)
     # W <- W - lr (trust * u / (1 - beta1**t))
     torch._foreach_addcmul_(params, trust, u, value=-lr / (1 - beta1 ** t))
 
