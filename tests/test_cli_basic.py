@@ -22,6 +22,7 @@ CORE_OPTIONS = {
     "show": ["RULE"],
     "derive": ["RULE", "--convention", "--fix", "--set", "--format"],
     "explain": ["RULE", "--convention", "--layer", "--format"],
+    "compare": ["RULE", "TABLE.json", "--format"],
     "generate": ["RULE", "--output"],
     "oracle": ["RULE", "--widths", "--device", "--steps", "--tolerance", "--out"],
     "coord-check": ["RULE", "--widths", "--model", "--steps", "--seeds", "--parameterization"],
