@@ -54,6 +54,8 @@ APPROXIMATE = {
                               "and lifts bfloat16 rounding noise, where orthogonalize() is the exact polar factor"),
 }
 PROBE = 1e-3  # starting value when balancing a hyperparameter whose default is 0
+MARGIN = 8.0  # a fixed hyperparameter's predicted dominance at the smallest width (the law's n = 1 value gives 8x
+# and more in its own comparison, 64^(1/2) for the smallest exponent gap)
 STEP = 0.05  # largest relative change of W in one step at the base width
 LABELS = {"spec": "|dW|_*", "fro": "|dW|_F", "rms": "rms(dW)", "effect": "|dW x|/|x|"}
 
@@ -78,6 +80,7 @@ class Scenario:
     fixed: str | None
     quantities: tuple[Quantity, ...]
     regime: str = ""
+    comparisons: tuple[Comparison, ...] = ()  # the comparisons the regime change touches (fixed scenarios)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class ScenarioResult:
     checks: tuple[Check, ...]
     match: Match
     fixed_value: float | None = None  # the value a fixed hyperparameter kept at every width
+    fixed_origin: str = ""  # why that value
 
     @property
     def passed(self) -> bool:
@@ -143,6 +147,7 @@ class RolePlan:
     scenarios: list[Scenario]
     base: dict[str, Value] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    fixed: dict[str, tuple[float, str]] = field(default_factory=dict)  # settled fixed values and why (see settle)
 
     @property
     def implementation(self) -> str:
@@ -156,15 +161,17 @@ class RolePlan:
 
     def values(self, n: int, fixed: str | None = None) -> dict[str, Value]:
         """Hyperparameters at width ``n``: the derived law ``c n^E`` with ``c = base n_base^-E``. ``fixed`` keeps
-        the law's value at ``n = 1``, where keeping and scaling agree: the measured widths then lie deep in the regime
-        it drifts into (kept at its ``n_base`` value instead, the crossover sits at the smallest width and a unit
-        drift fits as about 3/4 over 64..1024; comparisons it pushes into a crossover bend the slopes too)."""
+        its settled value (:func:`settle`), by default the law's value at ``n = 1``, where keeping and scaling agree:
+        the measured widths then lie deep in the regime it drifts into (kept at its ``n_base`` value instead, the
+        crossover sits at the smallest width and a unit drift fits as about 3/4 over 64..1024)."""
         ratio, out = n / self.n_base, dict(self.base)
         for h in self.rule.hypers:
             exponent = self.layer.lr if h.role == "lr" else self.layer.hyper.get(h.name)
             if h.role != "width-free" and exponent is not None:
                 at = 1 / self.n_base if h.name == fixed else ratio
                 out[h.name] = float(self.base[h.name]) * at ** float(exponent.const)
+        if fixed in self.fixed:
+            out[fixed] = self.fixed[fixed][0]
         return out
 
     def synthetic(self, n: int, steps: int, seed: int, device: str) -> Layer:
@@ -241,7 +248,7 @@ def plan_role(rule: Rule, layer: LayerDerivation, n_base: int) -> RolePlan:
         touched = {term_key(c.op, c.node) for c in regime.comparisons}
         compared = [c for c in outcome.comparisons if term_key(c.op, c.node) in touched]
         scenarios.append(Scenario(f"{name} fixed", name, quantities(applied, layer.role, frame, lr, outcome, compared),
-                                  regime.text))
+                                  regime.text, tuple(compared)))
     return RolePlan(layer.role, applied, layer, n_base, scenarios)
 
 
@@ -394,8 +401,11 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
     cls = plan.rule.implementation.cls
     limit, reason = APPROXIMATE.get(cls, (EXACT, "")) if cls else (EXACT, "")
     match = Match(plan.implementation, max(errors, default=0.0) if cls else None, limit, reason)
-    fixed = scenario.fixed and float(plan.values(plan.n_base, scenario.fixed)[scenario.fixed])
-    return ScenarioResult(scenario, tuple(checks), match, fixed)
+    if scenario.fixed is None:
+        return ScenarioResult(scenario, tuple(checks), match)
+    value = float(plan.values(plan.n_base, scenario.fixed)[scenario.fixed])
+    origin = plan.fixed.get(scenario.fixed, (value, "the derived law's value at n = 1"))[1]
+    return ScenarioResult(scenario, tuple(checks), match, value, origin)
 
 
 def _geomean(values: list[float | None]) -> float:
@@ -422,6 +432,9 @@ def calibrate(plan: RolePlan, steps: int, seed: int, device: str, n_max: int) ->
                 continue
             done.add(h.name)
             _balance(plan, layer, h.name, c, own[0], other[0])
+    for scenario in plan.scenarios:
+        if scenario.fixed is not None:
+            settle(plan, scenario, layer)
     _limit_lr(plan, layer, n_max)
     defaults = {h.name: h.default for h in rule.hypers}
     for name in sorted(done) if rule.implementation.cls else ():
@@ -457,24 +470,65 @@ def _limit_lr(plan: RolePlan, layer: Layer, n_max: int) -> None:
                           f"{largest:.0%} in one step; lowered to {STEP:.0%}")
 
 
+def _log_ratio(plan: RolePlan, layer: Layer, values: dict[str, Value], c: Comparison, own: int, other: int
+               ) -> float | None:
+    """``log(term_own / term_other)`` of comparison ``c`` at the first step where both are nonzero."""
+    key, metric = term_key(c.op, c.node), c.metric
+    interp = Interpreter(plan.rule, plan.role, values)
+    W = layer.W0
+    for batch in layer.batches:
+        step = interp.step(W, batch.G, batch.H if plan.reads_hessian else None)
+        W = step.W
+        operands = step.terms.get(key)
+        if operands is None:
+            continue
+        a, b = (term_metric(layer, operands, i, metric) for i in (own, other))
+        if a > 0 and b > 0 and math.isfinite(a / b):
+            return math.log(a / b)
+    return None
+
+
+def settle(plan: RolePlan, scenario: Scenario, layer: Layer) -> None:
+    """Move a fixed hyperparameter's value until every comparison it enters is, at ``n_base``, in the regime the
+    diagnosis predicts (the predicted larger side ahead by ``MARGIN``). The law's ``n = 1`` value guarantees that
+    in the comparison that set the law; one it enters a second time (LAMB's eps in ``sqrt(v) + eps`` and in the
+    trust ratio's ``fro_norm(u) + eps``) can still be at its crossover there, which bends every slope downstream."""
+    name = scenario.fixed
+    start = x = float(plan.values(plan.n_base, name)[name])
+    wanted = []  # (comparison, predicted larger term, runner-up)
+    for c in scenario.comparisons:
+        live = sorted(((t.e.const, i) for i, t in enumerate(c.terms) if t.e is not None), reverse=True)
+        if len(live) > 1 and live[0][0] != live[1][0]:
+            wanted.append((c, live[0][1], live[1][1]))
+
+    def ratio(value: float, c: Comparison, top: int, runner: int) -> float | None:
+        return _log_ratio(plan, layer, plan.values(plan.n_base, name) | {name: value}, c, top, runner)
+
+    def short(value: float) -> list[tuple[Comparison, int, int, float]]:
+        """The comparisons whose predicted larger term is not yet ahead by MARGIN at ``value``, with log ratios."""
+        return [(c, top, runner, r) for c, top, runner in wanted
+                if (r := ratio(value, c, top, runner)) is not None and r < math.log(MARGIN)]
+
+    for _ in range(4):
+        movable = [(c, top, runner, r, r2) for c, top, runner, r in short(x)
+                   if (r2 := ratio(2 * x, c, top, runner)) is not None and abs(r2 - r) > 1e-3]
+        if not movable:
+            break  # settled, or no comparison left that this hyperparameter moves
+        c, top, runner, r, r2 = movable[0]
+        x *= math.exp((math.log(2 * MARGIN) - r) / ((r2 - r) / math.log(2)))
+    if x == start:
+        return
+    terms = "; ".join(f"{c.terms[top].text} over {c.terms[runner].text}" for c, top, runner in wanted)
+    how = "yet short of" if short(x) else "so that"
+    plan.fixed[name] = (x, f"moved from the law's value at n = 1, {start:.3g}, {how} the predicted larger term leads "
+                           f"by {MARGIN:g}x at n = {plan.n_base} in: {terms}")
+
+
 def _balance(plan: RolePlan, layer: Layer, name: str, c: Comparison, own: int, other: int) -> None:
     """Solve ``term_own(x) = term_other`` in log space: one secant for the degree, then two Newton steps."""
-    key, metric = term_key(c.op, c.node), c.metric
 
     def log_ratio(value: float) -> float | None:
-        values = plan.base | {name: value}
-        interp = Interpreter(plan.rule, plan.role, values)
-        W = layer.W0
-        for batch in layer.batches:
-            step = interp.step(W, batch.G, batch.H if plan.reads_hessian else None)
-            W = step.W
-            operands = step.terms.get(key)
-            if operands is None:
-                continue
-            a, b = (term_metric(layer, operands, i, metric) for i in (own, other))
-            if a > 0 and b > 0 and math.isfinite(a / b):
-                return math.log(a / b)
-        return None
+        return _log_ratio(plan, layer, plan.base | {name: value}, c, own, other)
 
     default = float(plan.rule.hyper(name).default)
     x = abs(default) or PROBE
@@ -529,6 +583,7 @@ def _role_json(r: RoleResult) -> dict:
         "base": dict(r.base), "notes": r.notes,
         "scenarios": [{
             "name": s.scenario.name, "fixed": s.scenario.fixed, "fixed_value": s.fixed_value,
+            "fixed_origin": s.fixed_origin,
             "regime": s.scenario.regime, "passed": s.passed,
             "implementation_match": {"error": _finite(s.match.error), "tolerance": s.match.tolerance,
                                      "reason": s.match.reason, "passed": s.match.passed},
@@ -561,7 +616,7 @@ def render_table(report: Report) -> str:
             m = s.match
             head = f"-- {s.scenario.name}"
             if s.scenario.fixed:
-                head += f" at {s.fixed_value:.3g} (the derived law's value at n = 1): {s.scenario.regime}"
+                head += f" at {s.fixed_value:.3g} ({s.fixed_origin}): {s.scenario.regime}"
             lines.append(head)
             if m.error is None:
                 lines.append("  implementation: the interpreter (no library class to compare with)")
