@@ -10,6 +10,10 @@ steps centred there. Every run goes to the SQLite store, so `run` resumes after 
 
     OMP_NUM_THREADS=1 python benchmarks/bench_transfer.py run --store transfer-bench.db --jobs 2
     python benchmarks/bench_transfer.py report --store transfer-bench.db --out docs/transfer
+
+``--model gpt`` runs the 1-layer GPT instead (widths 32-256, 100 steps, batch 16 x 64 characters): too slow on a
+CPU for a coarse scan, so its 8-point factor-2 grid is centred on a fixed power of 2 per rule (``GPT_CENTRE``,
+chosen from the MLP optima and probe runs at the base width) rather than found.
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ STEPS, BATCH = 200, 128
 COARSE = range(-5, 6)  # default lr x 4^k at the base width
 FINE = range(-4, 5)  # centre x 2^j at every width
 PARAMETERIZATIONS = ("derived", "standard")
+GPT_WIDTHS, GPT_STEPS = (32, 64, 128, 256), 100
+GPT_CPU_WIDTHS = {"muon": (32, 64, 128), "shampoo": (32, 64, 128)}  # 4x only: the cost of the two on a CPU (above)
+# log2 of each rule's grid centre
+GPT_CENTRE = {"adafactor": -2, "adam": -6, "adam_atan2": -6, "adamw": -6, "adopt": -7, "lamb": -4, "lion": -9,
+              "muon": -5, "rmsprop": -7, "sgd": 0, "shampoo": -1, "signsgd": -7, "sophia": -1}
+GPT_FINE = range(-4, 4)
 
 
-def config(rule: str, parameterization: str, lrs: list[float], device: str = "auto"):
-    """The benchmark's sweep: depth-4 MLP on 8 characters of context, 200 steps, batch 128, one seed."""
+def config(rule: str, parameterization: str, lrs: list[float], device: str = "auto", model: str = "mlp"):
+    """The benchmark's sweep: depth-4 MLP on 8 characters of context, 200 steps, batch 128, one seed (or the GPT)."""
+    if model == "gpt":
+        return make_config(rule, model="gpt", widths=GPT_CPU_WIDTHS.get(rule, GPT_WIDTHS), lrs=lrs, steps=GPT_STEPS,
+                           parameterization=parameterization, device=device)
     sweep = make_config(rule, model="mlp", widths=CPU_WIDTHS.get(rule, WIDTHS), lrs=lrs, steps=STEPS,
                         batch_size=BATCH, parameterization=parameterization, device=device)
     return replace(sweep, model=replace(sweep.model, context=CPU_CONTEXT.get(rule, CONTEXT)))
@@ -61,9 +74,19 @@ def fine_lrs(rule: str, runs) -> list[float]:
     return [default * 2.0 ** (centre + j) for j in FINE]
 
 
-def sweep_rule(rule: str, parameterization: str, store_path: str, device: str, progress: bool) -> dict:
+def gpt_lrs(rule: str) -> list[float]:
+    return [2.0 ** (GPT_CENTRE[rule] + j) for j in GPT_FINE]
+
+
+def sweep_rule(rule: str, parameterization: str, store_path: str, device: str, model: str, progress: bool) -> dict:
     """Run (or resume) the coarse scan and the fine sweep of one rule; return timing and the fine grid."""
     start = time.perf_counter()
+    if model == "gpt":
+        sweep = Sweep(config(rule, parameterization, gpt_lrs(rule), device, model))
+        with Store(store_path) as store:
+            run_sweep(sweep, store, progress)
+        return {"rule": rule, "parameterization": parameterization, "wall_s": time.perf_counter() - start,
+                "lrs": list(sweep.config.lrs)}
     coarse = Sweep(config(rule, parameterization, coarse_lrs(rule), device))
     with Store(store_path) as store:
         base = min(coarse.config.widths)
@@ -82,7 +105,7 @@ def _worker(task: tuple) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = [(rule, p, args.store, args.device) for rule in args.rules for p in PARAMETERIZATIONS]
+    tasks = [(rule, p, args.store, args.device, args.model) for rule in args.rules for p in PARAMETERIZATIONS]
     tasks.sort(key=lambda task: task[0] not in CPU_WIDTHS)  # the slow ones first, so the pool balances
     if args.jobs == 1:
         for task in tasks:
@@ -98,12 +121,16 @@ def _done(result: dict) -> None:
     print(f"done {result['rule']} {result['parameterization']} in {result['wall_s']:.0f} s", flush=True)
 
 
-def load(rule: str, parameterization: str, store: Store) -> tuple[Sweep, dict[str, Summary], int]:
+def load(rule: str, parameterization: str, store: Store, device: str, model: str
+         ) -> tuple[Sweep, dict[str, Summary], int]:
     """The fine sweep of one rule from the store (nothing is trained): sweep, train/val summaries, missing runs."""
-    coarse = Sweep(config(rule, parameterization, coarse_lrs(rule)))
-    base = min(coarse.config.widths)
-    coarse_runs = store.runs(coarse.key(base, lr, 0) for lr in coarse.config.lrs)
-    sweep = Sweep(config(rule, parameterization, fine_lrs(rule, coarse_runs)))
+    if model == "gpt":
+        sweep = Sweep(config(rule, parameterization, gpt_lrs(rule), device, model))
+    else:
+        coarse = Sweep(config(rule, parameterization, coarse_lrs(rule), device))
+        base = min(coarse.config.widths)
+        coarse_runs = store.runs(coarse.key(base, lr, 0) for lr in coarse.config.lrs)
+        sweep = Sweep(config(rule, parameterization, fine_lrs(rule, coarse_runs), device))
     runs = store.runs(sweep.key(*point) for point in sweep.plan())
     summaries = {metric: summarize(runs, sweep.config.widths, sweep.config.lrs, metric) for metric in ("train", "val")}
     return sweep, summaries, len(sweep.plan()) - len(runs)
@@ -132,16 +159,19 @@ def report(args: argparse.Namespace) -> int:
         for rule in args.rules:
             summaries = {}
             for parameterization in PARAMETERIZATIONS:
-                sweep, summaries[parameterization], missing = load(rule, parameterization, store)
-                title = (f"{rule}, {parameterization}: depth-4 MLP, context {sweep.config.model.context}, "
-                         f"{STEPS} steps, batch {BATCH}, {args.device_note}")
+                sweep, summaries[parameterization], missing = load(rule, parameterization, store, args.device,
+                                                                   args.model)
+                c = sweep.config
+                what = (f"1-layer GPT, block {c.model.block_size}" if args.model == "gpt" else
+                        f"depth-4 MLP, context {c.model.context}")
+                title = f"{rule}, {parameterization}: {what}, {c.steps} steps, batch {c.batch_size}, {args.device_note}"
                 plot(summaries[parameterization]["train"], title, out / f"{rule}-{parameterization}.png")
                 results[f"{rule}/{parameterization}"] = {
                     "widths": list(sweep.config.widths), "context": sweep.config.model.context,
                     "lrs": list(sweep.config.lrs), "missing_runs": missing,
                     **{metric: summary.to_json() for metric, summary in summaries[parameterization].items()}}
             derived, standard = summaries["derived"], summaries["standard"]
-            widths = CPU_WIDTHS.get(rule, WIDTHS)
+            widths = sweep.config.widths
             verdicts[rule] = within_one_step(derived["train"])
             rows.append(f"| {rule} | {widths[0]}-{widths[-1]} | {_drift(derived['train'])} | "
                         f"{_drift(derived['val'])} | {_drift(standard['train'])} | {_drift(standard['val'])} | "
@@ -153,8 +183,9 @@ def report(args: argparse.Namespace) -> int:
               "|---|---|---|---|---|---|---|---|---|"]
     (out / "drift-table.md").write_text("\n".join(header + rows) + "\n")
     (out / "transfer.json").write_text(json.dumps(
-        {"schema": "mupderive.transfer-benchmark/1", "model": "mlp, depth 4", "steps": STEPS, "batch_size": BATCH,
-         "seeds": 1, "device": args.device_note, "results": results}, indent=2) + "\n")
+        {"schema": "mupderive.transfer-benchmark/1", "model": "gpt, 1 layer" if args.model == "gpt" else "mlp, depth 4",
+         "steps": GPT_STEPS if args.model == "gpt" else STEPS, "batch_size": sweep.config.batch_size, "seeds": 1,
+         "device": args.device_note, "results": results}, indent=2) + "\n")
     print("\n".join(header + rows))
     failed = [rule for rule, ok in verdicts.items() if not ok]
     print(f"\nderived drift <= one grid step (train loss) for {len(verdicts) - len(failed)}/{len(verdicts)} rules"
@@ -172,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default="transfer-bench.db")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (one thread each)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "gpt"])
     parser.add_argument("--out", default="docs/transfer")
     parser.add_argument("--device-note", default="cpu", help="the hardware, recorded in the JSON report")
     args = parser.parse_args(argv)

@@ -40,6 +40,7 @@ from mupderive.language.ir import Name, names, walk
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Implementation, Rule, Value
 from mupderive.solver import evaluate
+from mupderive.verify.coord_check import resolve_device
 from mupderive.verify.fit import Fit, fit_slope
 from mupderive.verify.interpret import Interpreter, Step, TermKey, term_key
 from mupderive.verify.synthetic import METRICS, Layer, dims, make_layer
@@ -671,11 +672,7 @@ def command(args: argparse.Namespace) -> int:
         widths = tuple(int(w) for w in args.widths.split(","))
     except ValueError:
         raise MupError(f"--widths {args.widths!r}: expected comma-separated integers such as 64,128,256") from None
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise MupError("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     if args.tolerance <= 0:
         raise MupError(f"--tolerance {args.tolerance}: must be positive")
     report = run_oracle(args.rule, widths=widths, steps=args.steps, seed=args.seed, tolerance=args.tolerance,
