@@ -23,8 +23,8 @@ STEPS, SEEDS = 3, 2
 # Scenarios where measurement contradicts the calculus (reported to its owner): (reason stating the numbers at these
 # widths, strict). Not strict where the deviation is within a few hundredths of the tolerance.
 _LOG = ("the gradient-aligned part of U is G times the mean of 1/(|wd W| + eps) over the dense decay term, which grows "
-        "like log(|wd W| / eps) ~ log n where the calculus takes 1/rms(wd W); Adam escapes it because its numerator "
-        "and denominator carry the same g")
+        "like log(|wd W| / eps) ~ log n where the calculus takes 1/rms(wd W); Adam's numerator and denominator average "
+        "the same g, so only the difference of their averages carries the factor and it stays within tolerance")
 KNOWN: dict[tuple[str, str, str], tuple[str, bool]] = {
     ("rmsprop", "hidden", "weight_decay fixed"): ("|dW|_* slope measured -0.37 +- 0.01, predicted -0.50: " + _LOG,
                                                   False),

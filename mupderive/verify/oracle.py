@@ -515,7 +515,7 @@ def settle(plan: RolePlan, scenario: Scenario, layer: Layer) -> None:
                    if (r2 := ratio(2 * x, c, top, runner)) is not None and abs(r2 - r) > 1e-3]
         if not movable:
             break  # settled, or no comparison left that this hyperparameter moves
-        c, top, runner, r, r2 = movable[0]
+        c, top, runner, r, r2 = movable[0]  # aim at 2 MARGIN, so that the secant's error still clears MARGIN
         x *= math.exp((math.log(2 * MARGIN) - r) / ((r2 - r) / math.log(2)))
     if x == start:
         return
