@@ -12,7 +12,7 @@ simply wins. Either way each comparison is recorded, for the explanation and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import cached_property
 
@@ -206,9 +206,10 @@ class Evaluator:
 
     def settle(self, value: Value) -> Value:
         """``value`` with every solved hyperparameter exponent substituted."""
-        if not self.solved or all(not p.e.coef for p in value.parts):
+        if not self.solved or all(not p.e.coef and (p.floor is None or not p.floor.coef) for p in value.parts):
             return value
-        return Value(value.shape, tuple(Part(p.kind, p.e.subs(self.solved), p.nonneg, p.hypers)
+        return Value(value.shape, tuple(replace(p, e=p.e.subs(self.solved),
+                                                floor=None if p.floor is None else p.floor.subs(self.solved))
                                         for p in value.parts))
 
     def guard(self, expr: Expr, env: dict[str, Value]) -> Value:

@@ -14,6 +14,12 @@ A value is a sum of *parts*, each with a structure and one exponent:
 
 Vectors are ``(p x 1)`` matrices. An empty part list is exactly zero. Elementwise functions of a sum are linearised
 around the dominant part (``phi(a + b) ~ phi(a) + phi'(a) b``), so subdominant structure survives where it should.
+
+Exponents are exact; a part also records a power of ``log n`` that multiplies its scale. One rule makes such a
+factor: the mean of ``1/|w|`` over dense noise ``w`` of scale ``s`` whose entries are cut off near zero at a floor
+``f << s`` is ``(2 phi(0) / s) ln(s/f)``, a log n when ``s/f`` is a power of n. A low-rank part multiplied by it
+(RMSprop's ``G / |g|`` when coupled weight decay ``wd W`` dominates ``g = G + wd W``) inherits the factor. Logs never
+decide a comparison (the solver sees exponents only); they widen what a measurement of the part may show.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.errors import CalculusError
 
 Shape = tuple[str, ...]
@@ -35,6 +41,10 @@ class Part:
     e: Exp
     nonneg: bool = False  # entries share one sign, so sums over them are coherent
     hypers: frozenset[str] = frozenset()  # hyperparameters this part's scale depends on
+    log: Fraction = Fraction(0)  # the scale carries (log n)^log
+    zeros: bool = False  # nonnegative dense: a magnitude of noise, with mass near zero ...
+    floor: Exp | None = None  # ... down to this entry scale (None: no floor known)
+    mean_log: Fraction = Fraction(0)  # nonnegative dense: its mean exceeds its rms scale by (log n)^mean_log
 
 
 @dataclass(frozen=True)
@@ -111,18 +121,33 @@ class Frame:
         exps = [e for part in value.parts if (e := self.part_metric(part, value.shape, metric)) is not None]
         return self.signs.max(*exps) if exps else None
 
+    def metric_log(self, value: Value, metric: str) -> Fraction:
+        """The power of log n on ``metric`` of a value: the largest among the parts that attain its exponent."""
+        top = self.metric(value, metric)
+        logs = [p.log for p in value.parts
+                if (e := self.part_metric(p, value.shape, metric)) is not None and self.signs.compare(e, top) == 0]
+        return max(logs, default=Fraction(0))
+
     # -- building blocks ---------------------------------------------------------------------------------------
     def merge(self, shape: Shape, parts: list[Part]) -> Value:
         """Combine parts of equal kind (a sum of same-structure parts scales as the largest)."""
         merged: dict[str, Part] = {}
         for part in parts:
             old = merged.get(part.kind)
-            if old is None:
-                merged[part.kind] = part
-            else:
-                merged[part.kind] = Part(part.kind, self.signs.max(old.e, part.e), old.nonneg and part.nonneg,
-                                         old.hypers | part.hypers)
+            merged[part.kind] = part if old is None else self._merge_two(old, part)
         return Value(shape, tuple(merged[k] for k in sorted(merged)))
+
+    def _merge_two(self, a: Part, b: Part) -> Part:
+        """The sum of two parts of one kind: the larger's scale and log; mass near zero only if the larger has it,
+        cut off at the largest floor, which a smaller part without mass near zero raises to its own scale."""
+        order = self.signs.compare(a.e, b.e)
+        top, low = (a, b) if order >= 0 else (b, a)
+        log = max(a.log, b.log) if order == 0 else top.log
+        zeros = top.zeros and (low.zeros or order != 0)
+        floors = [f for f in (top.floor, low.floor if low.zeros else low.e) if f is not None]
+        floor = self.signs.max(*floors) if zeros and floors else None
+        return Part(a.kind, top.e, a.nonneg and b.nonneg, a.hypers | b.hypers, log, zeros, floor,
+                    max(a.mean_log, b.mean_log) if order == 0 else top.mean_log)
 
     def broadcast(self, value: Value, shape: Shape) -> Value:
         """A scalar spread over ``shape``: the constant matrix ``c 1 1^T`` (rank one, like an outer part)."""
@@ -130,17 +155,19 @@ class Frame:
             return Value(shape, value.parts)
         p, q = self.pq(shape)
         (part,) = value.parts
-        return Value(shape, (Part("outer", part.e + (p + q) * HALF, part.nonneg, part.hypers),))
+        return Value(shape, (Part("outer", part.e + (p + q) * HALF, part.nonneg, part.hypers, part.log),))
 
     def scale(self, value: Value, e: Exp, hypers: frozenset[str] = frozenset()) -> Value:
         """Multiply by a scalar of magnitude ``n^e`` (entries keep sharing a sign if they did)."""
-        return Value(value.shape, tuple(Part(p.kind, p.e + e, p.nonneg, p.hypers | hypers) for p in value.parts))
+        return Value(value.shape, tuple(replace(p, e=p.e + e, hypers=p.hypers | hypers, floor=None if p.floor is None
+                                                else p.floor + e) for p in value.parts))
 
-    def from_rms(self, kind: str, rms: Exp, shape: Shape, nonneg: bool, hypers: frozenset[str]) -> Part:
+    def from_rms(self, kind: str, rms: Exp, shape: Shape, nonneg: bool, hypers: frozenset[str],
+                 log: Fraction = Fraction(0)) -> Part:
         if kind == "outer":
             p, q = self.pq(shape)
-            return Part("outer", rms + (p + q) * HALF, nonneg, hypers)
-        return Part(kind, rms, nonneg, hypers)
+            return Part("outer", rms + (p + q) * HALF, nonneg, hypers, log)
+        return Part(kind, rms, nonneg, hypers, log)
 
     # -- elementwise -------------------------------------------------------------------------------------------
     def add(self, a: Value, b: Value, negate: bool = False) -> Value:
@@ -166,7 +193,8 @@ class Frame:
         if not a.shape or not b.shape:
             s, v = (a, b) if not a.shape else (b, a)
             (part,) = s.parts
-            return self.scale(v, part.e, part.hypers)
+            scaled = self.scale(v, part.e, part.hypers)
+            return Value(scaled.shape, tuple(replace(p, log=p.log + part.log) for p in scaled.parts))
         self._elementwise_parts(a, "a product")
         self._elementwise_parts(b, "a product")
         shape = a.shape
@@ -174,16 +202,16 @@ class Frame:
         for x in a.parts:
             for y in b.parts:
                 rms = self.part_metric(x, shape, "rms") + self.part_metric(y, shape, "rms")
-                nonneg, hypers = x.nonneg and y.nonneg, x.hypers | y.hypers
+                nonneg, hypers, log = x.nonneg and y.nonneg, x.hypers | y.hypers, x.log + y.log
                 kinds = {x.kind, y.kind}
                 if kinds == {"outer"}:
-                    parts.append(self.from_rms("outer", rms, shape, nonneg, hypers))
-                elif kinds == {"outer", "dense"} and (y if x.kind == "outer" else x).nonneg:
+                    parts.append(self.from_rms("outer", rms, shape, nonneg, hypers, log))
+                elif kinds == {"outer", "dense"} and (dense := y if x.kind == "outer" else x).nonneg:
                     # outer * (positive dense) = outer * mean + outer * fluctuation
-                    parts.append(self.from_rms("outer", rms, shape, nonneg, hypers))
-                    parts.append(Part("dense", rms, nonneg, hypers))
+                    parts.append(self.from_rms("outer", rms, shape, nonneg, hypers, log + dense.mean_log))
+                    parts.append(Part("dense", rms, nonneg, hypers, log))
                 else:
-                    parts.append(Part("dense", rms, nonneg, hypers))
+                    parts.append(Part("dense", rms, nonneg, hypers, log))
         return self.merge(shape, parts)
 
     def power(self, a: Value, degree: Fraction, parity: str) -> Value:
@@ -194,22 +222,54 @@ class Frame:
             return a
         if not a.shape:
             (part,) = a.parts
-            return scalar(part.e * degree, parity != "odd" or part.nonneg, part.hypers)
+            return Value((), (Part("scalar", part.e * degree, parity != "odd" or part.nonneg, part.hypers,
+                                   part.log * Fraction(int(degree.numerator), int(degree.denominator))),))
         self._elementwise_parts(a, "an elementwise function")
         shape = a.shape
         rms = {id(p): self.part_metric(p, shape, "rms") for p in a.parts}
         top = self.signs.max(*rms.values())
-        signed_dense_on_top = any(p.kind == "dense" and not p.nonneg and self.signs.compare(rms[id(p)], top) == 0
-                                  for p in a.parts)
+        on_top = {id(p): self.signs.compare(rms[id(p)], top) == 0 for p in a.parts}
+        signed_dense_on_top = any(p.kind == "dense" and not p.nonneg and on_top[id(p)] for p in a.parts)
+        log_degree = Fraction(int(degree.numerator), int(degree.denominator))
         parts = []
         for p in a.parts:
             new_rms = rms[id(p)] + top * (degree - 1)
             kind = p.kind
-            if kind == "outer" and parity == "even" and signed_dense_on_top and self.signs.compare(rms[id(p)], top) < 0:
+            if kind == "outer" and parity == "even" and signed_dense_on_top and not on_top[id(p)]:
                 kind = "dense"  # phi'(signed noise) has random sign: the aligned part loses its coherence
             nonneg = parity != "odd" or a.nonneg
-            parts.append(self.from_rms(kind, new_rms, shape, nonneg, p.hypers))
+            part = self.from_rms(kind, new_rms, shape, nonneg, p.hypers, p.log * log_degree)
+            if part.kind == "dense" and part.nonneg and degree != 0:
+                others = [rms[id(q)] for q in a.parts if q is not p]
+                part = self._near_zero(part, p, on_top[id(p)], others, degree)
+            parts.append(part)
         return self.merge(shape, parts)
+
+    def _near_zero(self, new: Part, old: Part, top: bool, others: list[Exp], degree: Fraction) -> Part:
+        """Mass near zero of ``|x|^degree`` (dense, nonnegative) made from part ``old`` of ``x``.
+
+        A magnitude of signed noise, or of a sum whose dominant noise is signed, has entries near zero down to the
+        floor the other parts set: an average over steps of ``(w + G_t)^2`` stays above the spread of ``G_t``, of
+        the order of ``G`` when batches differ; positive powers keep the floor (scaled by the degree). The
+        reciprocal's mean is then ``ln(scale/floor)`` times its scale: a log n when the floor is a power of n
+        smaller (no floor known: counted as such).
+        """
+        signed = old.kind == "dense" and not old.nonneg
+        if not top:
+            return replace(new, zeros=True)  # a correction phi'(w) p to the dominant part (2 w G): it vanishes with w
+        if not (signed or old.zeros):
+            return new
+        floors = [f for f in [old.floor, *others] if f is not None]
+        floor = self.signs.max(*floors) if floors else None
+        if degree > 0:
+            return replace(new, zeros=True, floor=None if floor is None else floor * degree)
+        if degree == -1:
+            try:
+                far = floor is None or self.signs.compare(floor, old.e) < 0
+            except Undecidable:
+                far = False  # logs only widen measurements: never let them decide a case
+            return replace(new, mean_log=Fraction(1) if far else Fraction(0))
+        return new
 
     def dominance(self, a: Value, b: Value) -> int:
         """+1 if ``a``'s entries dominate ``b``'s, -1 if ``b``'s do, 0 if they are of the same order."""
@@ -260,21 +320,21 @@ class Frame:
         return self.merge(shape, parts)
 
     def _matmul_part(self, x: Part, y: Part, xs: Shape, ys: Shape) -> Part | None:
-        hypers = x.hypers | y.hypers
+        hypers, log = x.hypers | y.hypers, x.log + y.log
         if x.kind == "eye":
-            return Part(y.kind, y.e + x.e, False, hypers)
+            return Part(y.kind, y.e + x.e, False, hypers, log)
         if y.kind == "eye":
-            return Part(x.kind, x.e + y.e, False, hypers)
+            return Part(x.kind, x.e + y.e, False, hypers, log)
         if {x.kind, y.kind} == {"perp", "outer"}:
             return None  # the complement of the batch span meets batch-aligned vectors in zero
         if x.kind == y.kind == "perp":
-            return Part("perp", x.e + y.e, False, hypers)
+            return Part("perp", x.e + y.e, False, hypers, log)
         if x.kind == y.kind == "outer":
-            return Part("outer", x.e + y.e, False, hypers)
+            return Part("outer", x.e + y.e, False, hypers, log)
         if "perp" in (x.kind, y.kind) and "dense" in (x.kind, y.kind):
             dense = x if x.kind == "dense" else y
             other = y if dense is x else x
-            return Part("dense", dense.e + other.e, False, hypers)
+            return Part("dense", dense.e + other.e, False, hypers, log)
         raise CalculusError(f"cannot bound a matrix product of a {x.kind} and a {y.kind} (weight-like) matrix")
 
     def matpow(self, a: Value, p: Fraction) -> Value:
@@ -320,7 +380,7 @@ class Frame:
         e = self.metric(a, metric)
         if e is None:
             return Value((), ())
-        return scalar(e, True, a.hypers)
+        return Value((), (Part("scalar", e, True, a.hypers, self.metric_log(a, metric)),))
 
     def axis_mean(self, a: Value, axis: int) -> Value:
         """row_mean (axis 1, over fan_in) or col_mean (axis 0, over fan_out) of a nonnegative matrix."""
@@ -331,7 +391,7 @@ class Frame:
         for part in a.parts:
             rms = self.part_metric(part, a.shape, "rms")
             kind = "outer" if part.kind == "outer" else "dense"
-            parts.append(self.from_rms(kind, rms, shape, True, part.hypers))
+            parts.append(self.from_rms(kind, rms, shape, True, part.hypers, part.log))
         return self.merge(shape, parts)
 
     def outer(self, u: Value, v: Value) -> Value:
@@ -339,12 +399,12 @@ class Frame:
         parts = []
         for x in u.parts:
             for y in v.parts:
-                hypers, nonneg = x.hypers | y.hypers, x.nonneg and y.nonneg
+                hypers, nonneg, log = x.hypers | y.hypers, x.nonneg and y.nonneg, x.log + y.log
                 if x.kind == y.kind == "outer":
-                    parts.append(Part("outer", x.e + y.e, nonneg, hypers))
+                    parts.append(Part("outer", x.e + y.e, nonneg, hypers, log))
                 else:
                     rms = self.part_metric(x, u.shape, "rms") + self.part_metric(y, v.shape, "rms")
-                    parts.append(Part("dense", rms, nonneg, hypers))
+                    parts.append(Part("dense", rms, nonneg, hypers, log))
         return self.merge(shape, parts)
 
 
