@@ -125,8 +125,28 @@ class Frame:
         """The power of log n on ``metric`` of a value: the largest among the parts that attain its exponent."""
         top = self.metric(value, metric)
         logs = [p.log for p in value.parts
-                if (e := self.part_metric(p, value.shape, metric)) is not None and self.signs.compare(e, top) == 0]
+                if (e := self.part_metric(p, value.shape, metric)) is not None and self._same(e, top)]
         return max(logs, default=Fraction(0))
+
+    # Log factors and floors are bookkeeping for measurements: where symbols leave an order open they are dropped,
+    # so they never raise Undecidable, which the solver reads as a case to split.
+    def _same(self, a: Exp, b: Exp) -> bool:
+        try:
+            return self.signs.compare(a, b) == 0
+        except Undecidable:
+            return False
+
+    def _below(self, a: Exp, b: Exp) -> bool:
+        try:
+            return self.signs.compare(a, b) < 0
+        except Undecidable:
+            return False
+
+    def _largest(self, exps: list[Exp]) -> Exp | None:
+        try:
+            return self.signs.max(*exps) if exps else None
+        except Undecidable:
+            return None
 
     # -- building blocks ---------------------------------------------------------------------------------------
     def merge(self, shape: Shape, parts: list[Part]) -> Value:
@@ -145,7 +165,8 @@ class Frame:
         log = max(a.log, b.log) if order == 0 else top.log
         zeros = top.zeros and (low.zeros or order != 0)
         floors = [f for f in (top.floor, low.floor if low.zeros else low.e) if f is not None]
-        floor = self.signs.max(*floors) if zeros and floors else None
+        floor = self._largest(floors) if zeros else None
+        zeros = zeros and not (floors and floor is None)  # an open order: forget the mass near zero
         return Part(a.kind, top.e, a.nonneg and b.nonneg, a.hypers | b.hypers, log, zeros, floor,
                     max(a.mean_log, b.mean_log) if order == 0 else top.mean_log)
 
@@ -260,15 +281,13 @@ class Frame:
         if not (signed or old.zeros):
             return new
         floors = [f for f in [old.floor, *others] if f is not None]
-        floor = self.signs.max(*floors) if floors else None
+        floor = self._largest(floors)
+        if floors and floor is None:
+            return new  # the floor's order is open: forget the mass near zero rather than guess
         if degree > 0:
             return replace(new, zeros=True, floor=None if floor is None else floor * degree)
-        if degree == -1:
-            try:
-                far = floor is None or self.signs.compare(floor, old.e) < 0
-            except Undecidable:
-                far = False  # logs only widen measurements: never let them decide a case
-            return replace(new, mean_log=Fraction(1) if far else Fraction(0))
+        if degree == -1 and (floor is None or self._below(floor, old.e)):
+            return replace(new, mean_log=Fraction(1))
         return new
 
     def dominance(self, a: Value, b: Value) -> int:

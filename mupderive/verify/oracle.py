@@ -97,7 +97,7 @@ class Check:
     fit: Fit | None  # None: zero or not produced at some width
     tolerance: float
     means: tuple[float, ...]  # per width, geometric mean over seeds (for plots)
-    allowance: float = 0.0  # extra slope a predicted log factor may add: log / ln(smallest width)
+    allowance: float = 0.0  # slope a predicted (log n)^k may add (k < 0: take away): k / ln(smallest width)
 
     @property
     def deviation(self) -> float:
@@ -105,12 +105,12 @@ class Check:
 
     @property
     def passed(self) -> bool:
-        """Within tolerance (or the CI) of the exponent; a predicted ``(log n)^k`` lets the slope of
-        ``n^e (a + b ln n)^k`` exceed it by up to ``k / ln(n_min)``, never fall below it."""
+        """Within tolerance (or the CI) of the exponent; a predicted ``(log n)^k`` moves the slope of
+        ``n^e (a + b ln n)^k`` off it by up to ``k / ln(n_min)``, on that side only."""
         if self.fit is None:
             return False
         slack = max(self.tolerance, self.fit.ci)
-        return -slack <= self.deviation <= slack + self.allowance
+        return -slack + min(self.allowance, 0.0) <= self.deviation <= slack + max(self.allowance, 0.0)
 
     @property
     def verdict(self) -> str:
@@ -118,7 +118,7 @@ class Check:
             return "FAIL (zero or missing)"
         if not self.passed:
             return "FAIL"
-        if self.deviation > self.tolerance and self.deviation > self.fit.ci:
+        if abs(self.deviation) > max(self.tolerance, self.fit.ci):
             return "ok (log factor)"
         return "ok (wide CI)" if abs(self.deviation) > self.tolerance else "ok"
 
