@@ -9,7 +9,11 @@ Each scale-carrying hyperparameter is then kept fixed to confirm the drift the d
 
 Base values are the rule's defaults, except that a hyperparameter at a balance point is set to balance its term at
 the base width (a default such as eps = 1e-8 never enters, so its exponent would go untested) and the learning rate
-is lowered where the default rewrites the weights in one step (see :func:`calibrate`).
+is lowered where the default rewrites the weights in one step (see :func:`calibrate`); a fixed hyperparameter's
+value is placed where the regime it drifts into already holds at the smallest width (:func:`settle`).
+
+Where the calculus predicts ``n^e (log n)^k`` (see :mod:`mupderive.calculus.value`), the slope may sit off ``e`` by up
+to ``k / ln(n_min)`` on that side, as ``n^e (a + b ln n)^k`` does over the measured widths.
 
 Predictions take the learning rate from the spectral condition (``lr = (o - i)/2 - m - spec(U)``), not from the
 derivation being checked, so a derivation with a wrong learning-rate exponent fails.
@@ -55,8 +59,9 @@ APPROXIMATE = {
                               "and lifts bfloat16 rounding noise, where orthogonalize() is the exact polar factor"),
 }
 PROBE = 1e-3  # starting value when balancing a hyperparameter whose default is 0
-MARGIN = 8.0  # a fixed hyperparameter's predicted dominance at the smallest width (the law's n = 1 value gives 8x
-# and more in its own comparison, 64^(1/2) for the smallest exponent gap)
+# The lead the predicted larger term must have at the smallest width in every comparison a fixed hyperparameter
+# enters (its law's n = 1 value gives at least 64^(1/2) = 8 in the comparison that set the law).
+MARGIN = 8.0
 STEP = 0.05  # largest relative change of W in one step at the base width
 LABELS = {"spec": "|dW|_*", "fro": "|dW|_F", "rms": "rms(dW)", "effect": "|dW x|/|x|"}
 
