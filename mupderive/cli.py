@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the real implementation the rule mirrors on synthetic layer states at "
                                    "several widths, fit log-log slopes of |dW|_*, |dW|_F, rms(dW), |dW x|/|x| and "
                                    "every compared term, and compare with the symbolic prediction (also for each "
-                                   "hyperparameter kept fixed).")
+                                   "hyperparameter kept fixed). A prediction marked +log is n^e log n: its slope may "
+                                   "exceed e by up to 1/ln(smallest width). Exit 0 when every check passes, 1 "
+                                   "otherwise.")
     _rule_arg(p)
     _verify_args(p, "64,128,256,512,1024")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per width (default: 3)")
