@@ -175,6 +175,14 @@ def test_standard_adam_blows_up_where_the_engine_predicts(standard_adam):
     assert 0.85 <= slope(r, "hidden.0", "change").slope.value <= 1.15
 
 
+def test_jupyter_table_marks_the_failing_slopes(standard_adam):
+    markdown = standard_adam._repr_markdown_()
+    assert markdown.startswith("**coord-check adam on mlp, standard: FAIL (3 of 4 layers)**")
+    hidden = slope(standard_adam, "hidden.0", "change")
+    assert f"**{hidden.slope.value:+.2f}±{hidden.slope.ci:.2f} ({hidden.expected})**" in markdown
+    assert all(f"- {message}" in markdown for _, message in standard_adam.failures)
+
+
 def test_standard_adam_readout_own_update_matches_the_engine(standard_adam):
     """The engine predicts n^1 (a hyperparameter set to 0, Adam's weight decay, is absent from the analysis)."""
     assert slope(standard_adam, "readout", "effect").agrees

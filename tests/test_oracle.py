@@ -60,6 +60,15 @@ def test_coupled_decay_kept_fixed_shows_the_predicted_log_factor(name):
     assert check.passed and check.deviation > check.tolerance, check.deviation
 
 
+def test_jupyter_table_has_a_row_per_check():
+    rep = report("rmsprop")
+    markdown = rep._repr_markdown_()
+    assert markdown.startswith("**oracle rmsprop: PASS**")
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == sum(len(s.checks) for r in rep.roles for s in r.results)
+    assert "| hidden | weight_decay fixed | \\|dW\\|_* | spec | -1/2 +log |" in markdown
+
+
 def test_no_derived_scenario_predicts_a_log():
     """In the derived parameterization every compared term is balanced, so no floor is a power of n away and the
     checks keep the plain tolerance; a log appears only where a fixed hyperparameter lets one term run away."""

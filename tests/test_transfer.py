@@ -92,6 +92,9 @@ def test_summary_drift_is_max_minus_min_of_the_optima():
     assert summary.reliable and summary.grid_step == pytest.approx(1.0)
     report = summary.to_json()
     assert report["per_width"][1]["lr"] == pytest.approx(2 ** -5.5)
+    markdown = summary._repr_markdown_()  # Jupyter
+    assert "drift across widths **0.75**" in markdown and "**-5.50** (interpolated)" in markdown
+    assert markdown.count("\n| ") == len(lrs) + 2  # header, one row per lr, the optima (after the separator)
 
 
 def test_summary_averages_seeds_and_any_diverged_seed_makes_the_point_diverged():

@@ -75,6 +75,12 @@ class CoordCheck:
     def passed(self) -> bool:
         return not self.failures
 
+    def _repr_markdown_(self) -> str:
+        """Jupyter: the slope table per layer and checkpoint and the verdict (see ``coord_report.markdown_report``)."""
+        from mupderive.verify.coord_report import markdown_report
+
+        return markdown_report(self)
+
 
 def resolve_device(name: str) -> str:
     """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` must exist."""

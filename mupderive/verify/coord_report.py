@@ -65,6 +65,27 @@ def text_report(result: CoordCheck) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(result: CoordCheck) -> str:
+    """The text report's table in markdown: slope ± CI per layer, checkpoint and quantity ('**' = misses)."""
+    r = result
+    marks = checkpoints(r.rms)
+    verdict = "PASS" if r.passed else f"FAIL ({len(r.failures)} of {len(r.layers)} layers)"
+    lines = [f"**coord-check {r.rule.name} on {r.task.name}, {r.parameterization}: {verdict}** (widths "
+             f"{', '.join(map(str, r.widths))}; {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}; target slope 0 "
+             f"unless shown)", "", f"| layer | role | checkpoint | {' | '.join(JUDGED)} |",
+             "|---" * (3 + len(JUDGED)) + "|"]
+    for layer, role in r.layers.items():
+        for name, steps in marks.items():
+            row = {c.quantity: c for c in r.checks if c.layer == layer and c.checkpoint == name}
+            cells = [_cell(row.get(q)).replace(" *", "") for q in JUDGED]
+            cells = [cell if q not in row or row[q].passed else f"**{cell}**" for q, cell in zip(JUDGED, cells,
+                                                                                                  strict=True)]
+            lines.append(f"| {layer} | {role} | {'init' if name == 'init' else _label(steps)} | "
+                         f"{' | '.join(cells)} |")
+    lines += [""] + [f"- {message}" for _, message in r.failures]
+    return "\n".join(lines)
+
+
 def step_slopes(result: CoordCheck) -> dict[str, dict[str, list[dict | None]]]:
     """``{layer: {quantity: [slope per step]}}``; change and effect are 0 at step 0 (None there)."""
     out: dict[str, dict[str, list]] = {}

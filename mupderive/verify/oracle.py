@@ -238,6 +238,21 @@ class Report:
         checks = next(s for s in result.results if s.scenario.name == scenario).checks
         return next(c for c in checks if c.quantity.label == label)
 
+    def _repr_markdown_(self) -> str:
+        """Jupyter: the verdict, then one row per check (role, scenario, quantity, predicted, measured)."""
+        lines = [f"**oracle {self.rule.name}: {'PASS' if self.passed else 'FAIL'}** (widths "
+                 f"{', '.join(map(str, self.widths))}; {self.steps} steps, {self.seeds} seeds, {self.device})", "",
+                 "| role | scenario | quantity | metric | predicted | measured | verdict |", "|---" * 7 + "|"]
+        for r in self.roles:
+            for s in r.results:
+                for c in s.checks:
+                    measured = "-" if c.fit is None else f"{c.fit.slope:+.3f} ± {c.fit.ci:.3f}"
+                    verdict = c.verdict if c.passed else f"**{c.verdict}**"
+                    label = c.quantity.label.replace("|", "\\|")
+                    lines.append(f"| {r.role} | {s.scenario.name} | {label} | {c.quantity.metric} | "
+                                 f"{c.quantity.shown} | {measured} | {verdict} |")
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         return {
             "schema": "mupderive.oracle/1",

@@ -278,6 +278,20 @@ class Summary:
         logs = sorted(math.log2(lr) for lr in self.lrs)
         return min((b - a for a, b in itertools.pairwise(logs)), default=math.nan)
 
+    def _repr_markdown_(self) -> str:
+        """Jupyter: loss per lr and width (x = diverged), the optimum per width and the drift."""
+        lines = [f"| lr | {' | '.join(f'width {w}' for w in self.widths)} |", "|---" * (len(self.widths) + 1) + "|"]
+        for j, lr in enumerate(self.lrs):
+            cells = ["x" if self.losses[w][j] is None else f"{self.losses[w][j]:.4f}" for w in self.widths]
+            lines.append(f"| {lr:.3g} | {' | '.join(cells)} |")
+        best = [self.optima[w] for w in self.widths]
+        lines.append("| **best lr (log2)** | " + " | ".join(
+            "-" if o.log2_lr is None else f"**{o.log2_lr:.2f}** ({o.kind})" for o in best) + " |")
+        drift = "undefined" if self.drift is None else f"{self.drift:.2f}"
+        edge = "" if self.reliable else " (not bracketed: an optimum is at the grid edge or missing)"
+        return (f"{self.metric} loss; optimum drift across widths **{drift}** log2 units (grid step "
+                f"{self.grid_step:.2f}){edge}\n\n" + "\n".join(lines))
+
     def to_json(self) -> dict:
         return {"metric": self.metric, "drift_log2": self.drift, "reliable": self.reliable,
                 "grid_step_log2": self.grid_step,
