@@ -67,8 +67,8 @@ class Value:
         return frozenset().union(*(p.hypers for p in self.parts))
 
 
-def scalar(e: Exp, nonneg: bool = False, hypers: frozenset[str] = frozenset()) -> Value:
-    return Value((), (Part("scalar", e, nonneg, hypers),))
+def scalar(e: Exp, nonneg: bool = False, hypers: frozenset[str] = frozenset(), log: Fraction = Fraction(0)) -> Value:
+    return Value((), (Part("scalar", e, nonneg, hypers, log),))
 
 
 class Frame:
@@ -125,22 +125,16 @@ class Frame:
         """The power of log n on ``metric`` of a value: the largest among the parts that attain its exponent."""
         top = self.metric(value, metric)
         logs = [p.log for p in value.parts
-                if (e := self.part_metric(p, value.shape, metric)) is not None and self._same(e, top)]
+                if (e := self.part_metric(p, value.shape, metric)) is not None and self._order(e, top) == 0]
         return max(logs, default=Fraction(0))
 
     # Log factors and floors are bookkeeping for measurements: where symbols leave an order open they are dropped,
     # so they never raise Undecidable, which the solver reads as a case to split.
-    def _same(self, a: Exp, b: Exp) -> bool:
+    def _order(self, a: Exp, b: Exp) -> int | None:
         try:
-            return self.signs.compare(a, b) == 0
+            return self.signs.compare(a, b)
         except Undecidable:
-            return False
-
-    def _below(self, a: Exp, b: Exp) -> bool:
-        try:
-            return self.signs.compare(a, b) < 0
-        except Undecidable:
-            return False
+            return None
 
     def _largest(self, exps: list[Exp]) -> Exp | None:
         try:
@@ -178,10 +172,10 @@ class Frame:
         (part,) = value.parts
         return Value(shape, (Part("outer", part.e + (p + q) * HALF, part.nonneg, part.hypers, part.log),))
 
-    def scale(self, value: Value, e: Exp, hypers: frozenset[str] = frozenset()) -> Value:
-        """Multiply by a scalar of magnitude ``n^e`` (entries keep sharing a sign if they did)."""
-        return Value(value.shape, tuple(replace(p, e=p.e + e, hypers=p.hypers | hypers, floor=None if p.floor is None
-                                                else p.floor + e) for p in value.parts))
+    def scale(self, value: Value, e: Exp, hypers: frozenset[str] = frozenset(), log: Fraction = Fraction(0)) -> Value:
+        """Multiply by a scalar of magnitude ``n^e (log n)^log`` (entries keep sharing a sign if they did)."""
+        return Value(value.shape, tuple(replace(p, e=p.e + e, hypers=p.hypers | hypers, log=p.log + log,
+                                                floor=None if p.floor is None else p.floor + e) for p in value.parts))
 
     def from_rms(self, kind: str, rms: Exp, shape: Shape, nonneg: bool, hypers: frozenset[str],
                  log: Fraction = Fraction(0)) -> Part:
@@ -214,8 +208,7 @@ class Frame:
         if not a.shape or not b.shape:
             s, v = (a, b) if not a.shape else (b, a)
             (part,) = s.parts
-            scaled = self.scale(v, part.e, part.hypers)
-            return Value(scaled.shape, tuple(replace(p, log=p.log + part.log) for p in scaled.parts))
+            return self.scale(v, part.e, part.hypers, part.log)
         self._elementwise_parts(a, "a product")
         self._elementwise_parts(b, "a product")
         shape = a.shape
@@ -241,17 +234,16 @@ class Frame:
             if degree <= 0:
                 raise CalculusError("a non-positive power of an exactly-zero quantity")
             return a
+        log_degree = Fraction(int(degree.numerator), int(degree.denominator))
         if not a.shape:
             (part,) = a.parts
-            return Value((), (Part("scalar", part.e * degree, parity != "odd" or part.nonneg, part.hypers,
-                                   part.log * Fraction(int(degree.numerator), int(degree.denominator))),))
+            return scalar(part.e * degree, parity != "odd" or part.nonneg, part.hypers, part.log * log_degree)
         self._elementwise_parts(a, "an elementwise function")
         shape = a.shape
         rms = {id(p): self.part_metric(p, shape, "rms") for p in a.parts}
         top = self.signs.max(*rms.values())
         on_top = {id(p): self.signs.compare(rms[id(p)], top) == 0 for p in a.parts}
         signed_dense_on_top = any(p.kind == "dense" and not p.nonneg and on_top[id(p)] for p in a.parts)
-        log_degree = Fraction(int(degree.numerator), int(degree.denominator))
         parts = []
         for p in a.parts:
             new_rms = rms[id(p)] + top * (degree - 1)
@@ -286,7 +278,7 @@ class Frame:
             return new  # the floor's order is open: forget the mass near zero rather than guess
         if degree > 0:
             return replace(new, zeros=True, floor=None if floor is None else floor * degree)
-        if degree == -1 and (floor is None or self._below(floor, old.e)):
+        if degree == -1 and (floor is None or self._order(floor, old.e) == -1):
             return replace(new, mean_log=Fraction(1))
         return new
 
@@ -399,7 +391,7 @@ class Frame:
         e = self.metric(a, metric)
         if e is None:
             return Value((), ())
-        return Value((), (Part("scalar", e, True, a.hypers, self.metric_log(a, metric)),))
+        return scalar(e, True, a.hypers, self.metric_log(a, metric))
 
     def axis_mean(self, a: Value, axis: int) -> Value:
         """row_mean (axis 1, over fan_in) or col_mean (axis 0, over fan_out) of a nonnegative matrix."""
