@@ -28,9 +28,10 @@ import warnings
 
 import torch
 
-from mupderive.verify.coord_check import BASE_LR, resolve_device, run_check
+from mupderive.verify.coord_check import BASE_LR, run_check
 from mupderive.verify.coord_task import MLPTask
 from mupderive.verify.data import load_corpus, split_corpus
+from mupderive.verify.train import resolve_device
 
 TARGET = 1.0
 

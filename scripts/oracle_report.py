@@ -10,15 +10,14 @@ each, the implementation match, and every failing check with its numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from mupderive import builtin_rule_names
-from mupderive.verify.coord_check import resolve_device
-from mupderive.verify.oracle import DEFAULT_WIDTHS, Check, Report, plot, run_oracle
+from mupderive.verify.oracle import DEFAULT_WIDTHS, Check, Report, run_oracle, write_outputs
+from mupderive.verify.train import resolve_device
 
 # torch.optim.Muon runs Newton-Schulz in bfloat16, which a CPU without bf16 units emulates slowly (7 s a step at 512)
 CPU_WIDTHS = {"muon": (64, 128, 256)}
@@ -61,8 +60,7 @@ def main() -> None:
         start = time.perf_counter()
         widths = CPU_WIDTHS.get(name, DEFAULT_WIDTHS) if device == "cpu" else DEFAULT_WIDTHS
         report = run_oracle(name, widths=widths, device=device, progress=True)
-        (out / f"{name}.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        plot(report, out / f"{name}.png")
+        write_outputs(report, out)
         rows.append(row(report, time.perf_counter() - start))
         print(rows[-1], flush=True)
     (out / "summary.md").write_text("\n".join(rows) + "\n")

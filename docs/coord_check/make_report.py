@@ -20,9 +20,10 @@ import torch
 
 from mupderive import builtin_rule_names, derive
 from mupderive.calculus.exponent import Exp
-from mupderive.verify.coord_check import CoordCheck, resolve_device, run_check
+from mupderive.verify.coord_check import CoordCheck, run_check
 from mupderive.verify.coord_report import markdown_layers, markdown_worst, text_report, to_json, write_outputs
 from mupderive.verify.coord_task import GPTTask, MLPTask
+from mupderive.verify.train import resolve_device
 
 HERE = Path(__file__).resolve().parent
 PLOTTED = {"adam_mlp_derived", "adam_mlp_standard", "muon_gpt_derived", "sgd_mlp_derived", "adam_gpt_standard",

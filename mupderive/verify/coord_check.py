@@ -39,7 +39,7 @@ from mupderive.verify.coord_measure import train_and_measure
 from mupderive.verify.coord_setup import Derived, Standard
 from mupderive.verify.coord_task import GPTTask, MLPTask, Task, base_shapes, layer_roles, roles
 from mupderive.verify.data import load_corpus, split_corpus
-from mupderive.verify.train import needs_graph
+from mupderive.verify.train import needs_graph, resolve_device
 
 BASE_LR = {"adafactor": 1e-2, "adam": 1e-3, "adam_atan2": 1e-3, "adamw": 1e-3, "adopt": 1e-3, "lamb": 1e-3,
            "lion": 1e-4, "muon": 1e-3, "rmsprop": 1e-4, "sgd": 3e-2, "shampoo": 1e-3, "signsgd": 1e-3,
@@ -80,15 +80,6 @@ class CoordCheck:
         from mupderive.verify.coord_report import markdown_report
 
         return markdown_report(self)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` must exist."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MupError("--device cuda: no CUDA device is available here")
-    return name
 
 
 def _check_sizes(widths: list[int], steps: int, seeds: int, task: Task) -> list[int]:

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mupderive.verify.train import loss_of
 
 QUANTITIES = ("activation", "change", "effect", "input")
 
@@ -124,8 +125,7 @@ def train_and_measure(model: nn.Module, optimizer: Optimizer, names: list[str],
             rms[0, i, 3] = _rms(args[0]) if args[0].is_floating_point() else 1.0
         for step, (x, y) in enumerate(batches, 1):
             with sdpa_kernel(SDPBackend.MATH) if keep_graph else nullcontext():  # fused kernels lack double backward
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
+                loss = loss_of(model, x, y)
             with warnings.catch_warnings():  # create_graph=True warns about a reference cycle; grads are freed below
                 warnings.simplefilter("ignore", UserWarning)
                 loss.backward(create_graph=keep_graph)

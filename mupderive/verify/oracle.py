@@ -44,10 +44,10 @@ from mupderive.language.ir import Name, names, walk
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Implementation, Rule, Value
 from mupderive.solver import evaluate
-from mupderive.verify.coord_check import resolve_device
 from mupderive.verify.fit import Fit, fit_slope
 from mupderive.verify.interpret import Interpreter, Step, TermKey, term_key
 from mupderive.verify.synthetic import METRICS, Layer, dims, make_layer
+from mupderive.verify.train import resolve_device
 
 DEFAULT_WIDTHS = (64, 128, 256, 512, 1024)
 SEEDS = 3  # independent synthetic layers per width
@@ -714,10 +714,17 @@ def command(args: argparse.Namespace) -> int:
         raise MupError(f"--tolerance {args.tolerance}: must be positive")
     report = run_oracle(args.rule, widths=widths, steps=args.steps, seed=args.seed, tolerance=args.tolerance,
                         device=device, progress=True)
-    print(render_table(report) if args.format == "table" else json.dumps(report.to_json(), indent=2))
+    document = report.to_json()
+    print(render_table(report) if args.format == "table" else json.dumps(document, indent=2))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{report.rule.name}.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-        plot(report, out / f"{report.rule.name}.png")
+        write_outputs(report, Path(args.out), document)
     return 0 if report.passed else 1
+
+
+def write_outputs(report: Report, out: Path, document: dict | None = None) -> list[Path]:
+    """``RULE.json`` (the report's JSON) and ``RULE.png`` (its log-log plot) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{report.rule.name}.json", out / f"{report.rule.name}.png"
+    json_path.write_text(json.dumps(document or report.to_json(), indent=2) + "\n", encoding="utf-8")
+    plot(report, png_path)
+    return [json_path, png_path]

@@ -75,13 +75,13 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available else CPU; 'cuda' without CUDA is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MupError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(device)
+def resolve_device(name: str) -> str:
+    """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` must exist."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MupError("--device cuda: no CUDA device is available here")
+    return name
 
 
 # ---- the standard parameterization: default init, the rule's real optimizer, one lr for all parameters ----

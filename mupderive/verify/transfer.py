@@ -374,9 +374,11 @@ def plot(summary: Summary, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def report(sweep: Sweep, runs: Sequence[Run]) -> dict:
-    """JSON report: configuration, per-width optima and drift for the training and validation losses."""
+def report(sweep: Sweep, runs: Sequence[Run], train: Summary | None = None) -> dict:
+    """JSON report: configuration, per-width optima and drift for the training and validation losses (``train``:
+    the training-loss summary when the caller has it already)."""
     c = sweep.config
+    train = train or summarize(runs, c.widths, c.lrs, "train")
     return {
         "schema": SCHEMA, "rule": sweep.rule.name, "rule_sha256": sweep.rule.digest,
         "parameterization": c.parameterization, "model": asdict(c.model), "widths": list(c.widths),
@@ -384,7 +386,7 @@ def report(sweep: Sweep, runs: Sequence[Run]) -> dict:
         "device": str(sweep.device), "torch_version": torch.__version__, "sweep": sweep.sweep_id,
         "runs": len(runs), "diverged": sum(r.status == "diverged" for r in runs),
         "wall_s": sum(r.wall_s for r in runs),
-        "train": summarize(runs, c.widths, c.lrs, "train").to_json(),
+        "train": train.to_json(),
         "val": summarize(runs, c.widths, c.lrs, "val").to_json(),
     }
 
@@ -442,17 +444,18 @@ def command(args: argparse.Namespace) -> int:
     sweep = Sweep(config_from_args(args))
     with Store(args.store) as store:
         runs = run_sweep(sweep, store)
-    result = report(sweep, runs)
+    train = summarize(runs, sweep.config.widths, sweep.config.lrs, "train")
+    result = report(sweep, runs, train)
     title = title_of(sweep)
     if args.format == "json":
         print(json.dumps(result, indent=2))
     else:
-        print(table(summarize(runs, sweep.config.widths, sweep.config.lrs, "train"), title))
+        print(table(train, title))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"transfer-{sweep.rule.name}-{sweep.config.parameterization}-{sweep.config.model.kind}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(summarize(runs, sweep.config.widths, sweep.config.lrs, "train"), title, out / f"{stem}.png")
+        plot(train, title, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png", file=sys.stderr)
     return 0
