@@ -13,36 +13,22 @@ from torch import nn
 
 from mupderive.derivation import Derivation
 from mupderive.errors import MupError
-from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
-from mupderive.verify.train import Chain, import_class, import_source
-
-
-def _optimizer_class(rule: Rule) -> type:
-    if rule.implementation.cls is None:
-        raise MupError(f"rule {rule.name!r} names no library class, so the standard parameterization has no real "
-                       "optimizer to run; check it with --parameterization derived")
-    return import_class(rule.implementation.cls)
+from mupderive.verify.train import Chain, import_source, standard_optimizer, standard_setup
 
 
 class Standard:
-    """PyTorch's default init; the rule's optimizer class with one learning rate for all parameters."""
+    """PyTorch's default init; the rule's optimizer class with one learning rate for all parameters (the transfer
+    sweep's baseline, :func:`mupderive.verify.train.standard_optimizer`)."""
 
     def __init__(self, rule: Rule, roles: dict[str, str], lr: float):
-        self.rule, self.roles, self.lr = rule, roles, lr
-        self.fallback = load_rule(rule.fallback) if rule.fallback else None
+        self.setup = standard_setup(rule)
+        self.hidden = {name for name, role in roles.items() if role == "hidden"}
+        self.lr = lr
 
     def prepare(self, model: nn.Module, generator: torch.Generator) -> Chain | torch.optim.Optimizer:
         """Keep the model's default initialization (drawn by the caller) and build the optimizer."""
-        groups: dict[str, list[nn.Parameter]] = {}
-        for name, param in model.named_parameters():
-            use_main = self.fallback is None or self.roles[name] in self.rule.applies_to
-            groups.setdefault("main" if use_main else "fallback", []).append(param)
-        optimizers = []
-        for key, params in groups.items():
-            rule = self.rule if key == "main" else self.fallback
-            optimizers.append(_optimizer_class(rule)(params, lr=self.lr, **dict(rule.implementation.fixed)))
-        return optimizers[0] if len(optimizers) == 1 else Chain(*optimizers)
+        return standard_optimizer(self.setup, model, self.hidden, self.lr)
 
 
 class Derived:

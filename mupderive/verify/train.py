@@ -140,7 +140,8 @@ class Chain:
 def standard_setup(rule: Rule) -> dict[str, Any]:
     """What the standard baseline runs for `rule`: class and arguments, plus the fallback's for other parameters."""
     if rule.implementation.cls is None:
-        raise MupError(f"rule {rule.name} names no implementation class, so it has no standard baseline to run")
+        raise MupError(f"rule {rule.name!r} names no library class, so the standard parameterization has no real "
+                       "optimizer to run; check it with --parameterization derived")
     setup: dict[str, Any] = {"class": rule.implementation.cls, "kwargs": constructor_kwargs(rule),
                              "applies_to": list(rule.applies_to), "init": "default"}
     if rule.fallback is not None and set(rule.applies_to) != {"input", "hidden", "output", "vector"}:
