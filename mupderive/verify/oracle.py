@@ -22,11 +22,8 @@ derivation being checked, so a derivation with a wrong learning-rate exponent fa
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -47,7 +44,7 @@ from mupderive.solver import evaluate
 from mupderive.verify.fit import Fit, fit_slope
 from mupderive.verify.interpret import Interpreter, Step, TermKey, term_key
 from mupderive.verify.synthetic import METRICS, Layer, dims, make_layer
-from mupderive.verify.train import resolve_device
+from mupderive.verify.train import constructor_arguments, import_class, resolve_device
 
 DEFAULT_WIDTHS = (64, 128, 256, 512, 1024)
 SEEDS = 3  # independent synthetic layers per width
@@ -337,26 +334,7 @@ def construct(implementation: Implementation, params: list[torch.Tensor], values
     """``cls(params, **args)`` with hyperparameters mapped through ``args`` (``betas[0]`` packs into a tuple) and
     ``fixed``; class-level hyperparameters not taken by the constructor are set on the instance, which shadows the
     class attribute the implementation reads (``self.clamp``) without touching other users of the class."""
-    module, _, name = implementation.cls.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    kwargs: dict[str, Value] = {}
-    packed: dict[str, dict[int, Value]] = {}
-    for hyper, arg in implementation.args:
-        match = re.fullmatch(r"(\w+)\[(\d)\]", arg)
-        if match:
-            packed.setdefault(match.group(1), {})[int(match.group(2))] = values[hyper]
-        else:
-            kwargs[arg] = values[hyper]
-    signature = inspect.signature(cls.__init__).parameters
-    for arg, items in packed.items():
-        default = signature[arg].default
-        slots = list(default) if isinstance(default, tuple) else []
-        slots += [None] * (max(items) + 1 - len(slots))
-        for index, value in items.items():
-            slots[index] = value
-        kwargs[arg] = tuple(slots)
-    kwargs |= dict(implementation.fixed)
-    opt = cls(params, **kwargs)
+    opt = import_class(implementation.cls)(params, **constructor_arguments(implementation, values))
     mapped = dict(implementation.args)
     for hyper in implementation.class_level:
         if hyper not in mapped:

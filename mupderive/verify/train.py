@@ -11,9 +11,10 @@ import importlib
 import importlib.util
 import inspect
 import math
+import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
-from mupderive.language.rule import Rule
+from mupderive.language.rule import Implementation, Rule
 from mupderive.verify.data import CharVocab, Device, char_batches, context_batches
 from mupderive.verify.models import GPT, MLP
 
@@ -95,20 +96,32 @@ def import_class(path: str) -> type:
         raise MupError(f"cannot import the optimizer class {path} ({exc})") from None
 
 
-def constructor_kwargs(rule: Rule) -> dict[str, Any]:
-    """The rule's default hyperparameters as constructor arguments of its class ('betas[1]' fills a tuple slot)."""
-    kwargs: dict[str, Any] = dict(rule.implementation.fixed)
-    slots: dict[str, dict[int, Any]] = {}
-    for hyper, arg in rule.implementation.args:
-        value = rule.hyper(hyper).default
-        if arg.endswith("]"):
-            name, index = arg[:-1].split("[")
-            slots.setdefault(name, {})[int(index)] = value
+def constructor_arguments(implementation: Implementation, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameter ``values`` as constructor arguments of the implementation's class, mapped through ``args``
+    ('betas[1]' fills a tuple slot; slots no hyperparameter maps keep the class default), plus ``fixed``."""
+    kwargs: dict[str, Any] = {}
+    packed: dict[str, dict[int, Any]] = {}
+    for hyper, arg in implementation.args:
+        match = re.fullmatch(r"(\w+)\[(\d)\]", arg)
+        if match:
+            packed.setdefault(match.group(1), {})[int(match.group(2))] = values[hyper]
         else:
-            kwargs[arg] = value
-    for name, values in slots.items():
-        kwargs[name] = tuple(values[i] for i in range(len(values)))
-    return kwargs
+            kwargs[arg] = values[hyper]
+    if packed:
+        signature = inspect.signature(import_class(implementation.cls).__init__).parameters
+        for arg, items in packed.items():
+            default = signature[arg].default
+            slots = list(default) if isinstance(default, tuple) else []
+            slots += [None] * (max(items) + 1 - len(slots))
+            for index, value in items.items():
+                slots[index] = value
+            kwargs[arg] = tuple(slots)
+    return kwargs | dict(implementation.fixed)
+
+
+def constructor_kwargs(rule: Rule) -> dict[str, Any]:
+    """The rule's default hyperparameters as constructor arguments of its class."""
+    return constructor_arguments(rule.implementation, {h.name: h.default for h in rule.hypers})
 
 
 def hidden_matrices(spec: ModelSpec, width: int) -> set[str]:
