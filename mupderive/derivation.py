@@ -93,7 +93,7 @@ class Derivation:
             "rule": self.rule.name,
             "rule_sha256": self.rule.digest,
             "convention": self.convention,
-            "fixes": [f"{f.role}.{f.knob}={f.value}" for f in self.fixes],
+            "fixes": [str(f) for f in self.fixes],
             "kappa": {k: str(v) for k, v in kappa.items()} if isinstance(kappa, dict) else str(kappa),
             "formulas": {q: str(f) for q, f in self.formulas.items()},
             "layers": {role: _layer_json(layer) for role, layer in self.layers.items()},

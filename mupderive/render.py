@@ -23,7 +23,7 @@ def _cell(d: Derivation, role: str, column: str) -> sympy.Rational | None:
 def _header(d: Derivation) -> str:
     kappa = d.kappa
     kappa_text = str(kappa) if not isinstance(kappa, dict) else ", ".join(f"{r} {k}" for r, k in kappa.items())
-    fixes = f"; fixed: {', '.join(f'{f.role}.{f.knob}={f.value}' for f in d.fixes)}" if d.fixes else ""
+    fixes = f"; fixed: {', '.join(map(str, d.fixes))}" if d.fixes else ""
     return f"{d.rule.name} ({d.rule.title}), convention {d.convention}{fixes}; kappa = {kappa_text}"
 
 

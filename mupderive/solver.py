@@ -42,6 +42,9 @@ class Fix:
     knob: str
     value: Fraction
 
+    def __str__(self) -> str:
+        return f"{self.role}.{self.knob}={self.value}"
+
 
 def parse_fix(text: str) -> Fix:
     """Parse ``output.multiplier=-1`` (the exponent of width; rationals like ``-1/2`` allowed)."""

@@ -23,10 +23,9 @@ from mupderive.codegen.header import convention_name, header, sha256
 from mupderive.codegen.lines import fit
 from mupderive.codegen.optimizers import argument_functions, compiled_class, optimizer_method
 from mupderive.codegen.parts import BACKENDS, Part, defaults, plan, validate
-from mupderive.derivation import Derivation, derive
+from mupderive.commands import _derivation, _options
+from mupderive.derivation import Derivation
 from mupderive.errors import MupError
-from mupderive.language.load import load_rule
-from mupderive.solver import parse_fix
 
 _EXPONENT = re.compile(r"-?[0-9]+(/[0-9]+)?")
 
@@ -96,7 +95,7 @@ def _imports(parts: list[Part]) -> list[str]:
 
 
 def _fixes_literal(derivation: Derivation) -> str:
-    items = [safe.literal(f"{f.role}.{f.knob}={f.value}") for f in derivation.fixes]
+    items = [safe.literal(str(f)) for f in derivation.fixes]
     return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
 
 
@@ -130,23 +129,11 @@ def command(args: argparse.Namespace) -> int:
         raise MupError(f"-o {args.output}: the output must be a .py file")
     if not output.parent.is_dir():
         raise MupError(f"-o {args.output}: directory {output.parent} does not exist")
-    options = _flags(args.set)
-    fixes = [parse_fix(text) for text in args.fix]
-    derivation = derive(load_rule(args.rule), args.convention, fixes, options)
-    source = generate(derivation, backend=getattr(args, "backend", "auto"), options=options)
+    derivation = _derivation(args, [])
+    source = generate(derivation, options=_options(args.set))
     write_atomically(output, source)
     print(f"wrote {output} (rule {derivation.rule.name}, convention {derivation.convention})")
     return 0
-
-
-def _flags(pairs: list[str]) -> dict[str, bool]:
-    options = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        if not name or value.lower() not in ("true", "false"):
-            raise MupError(f"--set {pair!r}: expected FLAG=true or FLAG=false")
-        options[name.strip()] = value.lower() == "true"
-    return options
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -24,9 +24,17 @@ def golden_source(rule: str) -> str:
 
 def stale(directory: Path = GOLDEN_DIR) -> list[str]:
     """Built-in rules whose golden file is missing or differs from what generate() gives now."""
-    return [rule for rule in builtin_rule_names()
-            if not (directory / f"{rule}.py").is_file()
-            or (directory / f"{rule}.py").read_text(encoding="utf-8") != golden_source(rule)]
+    return list(_outdated(directory))
+
+
+def _outdated(directory: Path) -> dict[str, str]:
+    """``{rule: the source its golden file must hold}`` for the stale ones."""
+    out = {}
+    for rule in builtin_rule_names():
+        path, source = directory / f"{rule}.py", golden_source(rule)
+        if not path.is_file() or path.read_text(encoding="utf-8") != source:
+            out[rule] = source
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report stale golden files (exit 1 if any)")
     parser.add_argument("--dir", type=Path, default=GOLDEN_DIR, help=f"golden directory (default: {GOLDEN_DIR})")
     args = parser.parse_args(argv)
-    outdated = stale(args.dir)
+    outdated = _outdated(args.dir)
     if args.check:
         print("\n".join(f"stale: {args.dir / f'{rule}.py'}" for rule in outdated) or "golden files are current")
         return 1 if outdated else 0
     args.dir.mkdir(parents=True, exist_ok=True)
-    for rule in outdated:
-        write_atomically(args.dir / f"{rule}.py", golden_source(rule))
+    for rule, source in outdated.items():
+        write_atomically(args.dir / f"{rule}.py", source)
         print(f"wrote {args.dir / f'{rule}.py'}")
     return 0
 

@@ -21,15 +21,17 @@ CONVENTION_TEXT = {
 
 def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool]) -> dict[str, object]:
     """The template variables of the module docstring."""
+    document = derivation.to_json()
+    reads_hessian = any("H" in reads(body) for part in parts for body in bodies(part.rule))
     return {
         "title_line": _title_line(derivation.rule),
         "command": _command(derivation, options),
         "about": _about(derivation, parts, options),
-        "table": _table(derivation),
-        "formulas": _formulas(derivation),
-        "diagnosis": _diagnosis(derivation),
-        "usage": _usage(derivation, parts),
-        "notes": _notes(derivation, parts),
+        "table": _table(document["layers"]),
+        "formulas": _formulas(document["formulas"]),
+        "diagnosis": _diagnosis(document["layers"]),
+        "usage": _usage(derivation, parts, reads_hessian),
+        "notes": _notes(parts, reads_hessian),
     }
 
 
@@ -42,7 +44,7 @@ def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
     words = ["mupderive generate", derivation.rule.name]
     if derivation.convention != "spectral":
         words.append(f"--convention {derivation.convention}")
-    words += [f"--fix {f.role}.{f.knob}={f.value}" for f in derivation.fixes]
+    words += [f"--fix {f}" for f in derivation.fixes]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
     return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
 
@@ -61,7 +63,7 @@ def sha256(digest: str) -> str:
 
 def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool]) -> list[str]:
     rule = derivation.rule
-    fixes = ", ".join(f"{f.role}.{f.knob}={f.value}" for f in derivation.fixes) or "none"
+    fixes = ", ".join(map(str, derivation.fixes)) or "none"
     chosen = ", ".join(f"{name}={str(value).lower()}" for name, value in options.items()) or "rule defaults"
     lines = [f"Rule: {rule.name} - {rule.title}", f"Paper: {rule.paper}", f"Rule source sha256: {rule.digest}",
              f"Convention: {CONVENTION_TEXT[convention_name(derivation.convention)]}",
@@ -81,8 +83,7 @@ def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
 
 
-def _table(derivation: Derivation) -> list[str]:
-    data = derivation.to_json()["layers"]
+def _table(data: dict) -> list[str]:
     hypers = list(dict.fromkeys(h for layer in data.values() for h in layer["hyper"]))
     hybrid = len({layer["rule"] for layer in data.values()}) > 1
     head = ["role", *(["rule"] if hybrid else []), "multiplier", "init_std", "lr", *hypers]
@@ -94,16 +95,15 @@ def _table(derivation: Derivation) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def _formulas(derivation: Derivation) -> list[str]:
-    formulas = derivation.to_json()["formulas"]
+def _formulas(formulas: dict) -> list[str]:
     if not formulas:
         return ["(none: the calculus could not decide every case)"]
     return [line for q, f in formulas.items() for line in safe.wrap(f"{q} ~ {f}", 110)]
 
 
-def _diagnosis(derivation: Derivation) -> list[str]:
+def _diagnosis(data: dict) -> list[str]:
     lines = []
-    for role, layer in derivation.to_json()["layers"].items():
+    for role, layer in data.items():
         for name, regime in layer["if_fixed"].items():
             if not regime["regime"].startswith("unchanged"):
                 wrapped = safe.wrap(f"- {role}.{name}: {regime['regime']}", 114)
@@ -111,7 +111,7 @@ def _diagnosis(derivation: Derivation) -> list[str]:
     return lines
 
 
-def _usage(derivation: Derivation, parts: list[Part]) -> list[str]:
+def _usage(derivation: Derivation, parts: list[Part], reads_hessian: bool) -> list[str]:
     """The usage example: built from our own text, validated names and number literals only."""
     name = safe.rule_name(derivation.rule.name)
     lrs = [f"{part.prefix}{safe.identifier(part.rule.lr.name, 'learning rate')}={safe.literal(part.rule.lr.default)}"
@@ -125,14 +125,14 @@ def _usage(derivation: Derivation, parts: list[Part]) -> list[str]:
              f"opt = p.optimizer({', '.join(lrs)})",
              "print(p.describe())                    # per parameter: role, ratio, multiplier, init, factors",
              f"# opt is {built} with one parameter group per (role, width ratio)"]
-    if any("H" in reads(body) for part in parts for body in bodies(part.rule)):
+    if reads_hessian:
         lines += ["", "for x, y in batches:                    # the library estimates the Hessian from the graph",
                   "    loss_fn(model(x), y).backward(create_graph=True)",
                   "    opt.step()", "    opt.zero_grad(set_to_none=True)"]
     return lines
 
 
-def _notes(derivation: Derivation, parts: list[Part]) -> list[str]:
+def _notes(parts: list[Part], reads_hessian: bool) -> list[str]:
     lr = parts[0].rule.lr.name
     notes = [
         f"Learning-rate schedulers that multiply each group's {lr} (LambdaLR, StepLR, CosineAnnealingLR, ...) keep the "
@@ -146,7 +146,7 @@ def _notes(derivation: Derivation, parts: list[Part]) -> list[str]:
         notes.append(f"Keyword arguments of MuP.optimizer() starting with {parts[1].prefix} configure the "
                      f"{parts[1].rule.title} used for {', '.join(parts[1].roles)} (unknown ones included, e.g. "
                      f"{parts[1].prefix}foreach=True); the rest configure {parts[0].class_name}.")
-    if any("H" in reads(body) for part in parts for body in bodies(part.rule)):
+    if reads_hessian:
         notes.append("The library computes H (a Hutchinson Hessian-diagonal estimate) from the gradient's graph: "
                      "call loss.backward(create_graph=True) before every step on which it refreshes the estimate "
                      "(the first one included).")
