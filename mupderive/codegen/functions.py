@@ -30,14 +30,18 @@ def reads(body: Body) -> set[str]:
     return set().union(*(names(e) for e in exprs + ([body.decay] if body.decay is not None else [])))
 
 
-def compile_body(rule: Rule, body: Body, layout: str, prefix: str) -> tuple[list[Function], set[str]]:
-    """The init function and the ``layout`` step function of ``body`` (named ``prefix_...``), and helpers used."""
+def compile_body(rule: Rule, body: Body, prefix: str) -> tuple[list[Function], set[str]]:
+    """The init function and one step function per layout of ``body`` (named ``prefix_...``), and helpers used."""
     if "H" in reads(body):
         raise MupError(f"rule {rule.name!r} reads H (a Hessian estimate), which only its library implementation "
                        f"computes; mupderive cannot generate this optimizer from the rule")
-    init, init_helpers, shapes = _init_function(rule, body, prefix)
-    step, step_helpers = _step_function(rule, body, layout, prefix, shapes)
-    return [init, step], init_helpers | step_helpers
+    init, helpers, shapes = _init_function(rule, body, prefix)
+    functions = [init]
+    for layout in LAYOUTS:
+        step, used = _step_function(rule, body, layout, prefix, shapes)
+        functions.append(step)
+        helpers |= used
+    return functions, helpers
 
 
 def _setup(em: Emitter, used: set[str], step: bool) -> None:

@@ -4,7 +4,7 @@ classes compiled from a rule by :mod:`mupderive.codegen.functions`."""
 from __future__ import annotations
 
 from mupderive.codegen import safe
-from mupderive.codegen.functions import LAYOUTS, compile_body
+from mupderive.codegen.functions import compile_body
 from mupderive.codegen.lines import fit
 from mupderive.codegen.parts import Part
 from mupderive.errors import MupError
@@ -26,8 +26,8 @@ def argument_functions(parts: list[Part]) -> list[str]:
     return out
 
 
-def _arguments(part: Part, per_group: bool) -> list[tuple[str, str]]:
-    """(constructor argument, source over the dict ``h``): per group, or the class-level ones; betas[i] packed."""
+def _arguments(part: Part, per_group: bool, var: str = "h") -> list[tuple[str, str]]:
+    """(constructor argument, source over the dict ``var``): per group, or the class-level ones; betas[i] packed."""
     impl = part.rule.implementation
     what = f"rule {part.rule.name!r}"
     packed: dict[str, dict[int | None, str]] = {}
@@ -38,7 +38,7 @@ def _arguments(part: Part, per_group: bool) -> list[tuple[str, str]]:
         slots = packed.setdefault(base, {})
         if index in slots or (None in slots) != (index is None) and slots:
             raise MupError(f"{what}: constructor argument {arg!r} is given twice or both plain and indexed")
-        slots[index] = f'h["{hyper}"]'
+        slots[index] = f'{var}["{hyper}"]'
     out = []
     for base, slots in packed.items():
         if None in slots:
@@ -104,7 +104,7 @@ def _part_context(part: Part, index: int, other_prefix: str) -> dict[str, object
     if part.backend == "library":
         arguments = f"_{part.rule.name}_arguments"
         kwargs = [f"**{arguments}({var})"]
-        kwargs += [f"{arg}={source.replace('h[', f'{var}[')}" for arg, source in _arguments(part, per_group=False)]
+        kwargs += [f"{arg}={source}" for arg, source in _arguments(part, per_group=False, var=var)]
         kwargs += [f"{arg}={safe.literal(value)}" for arg, value in part.rule.implementation.fixed]
     else:
         arguments, kwargs = "dict", [f"**{var}"]
@@ -128,10 +128,9 @@ def compiled_class(env, part: Part, defaults: dict[str, dict[str, object]]) -> t
     for kind, body in (("matrix", rule.matrix), ("vector", rule.vector)):
         if body is None:
             continue
-        for layout in LAYOUTS:
-            compiled, used = compile_body(rule, body, layout, f"_{rule.name}_{kind}")
-            functions += compiled if layout == LAYOUTS[0] else compiled[1:]
-            helpers |= used
+        compiled, used = compile_body(rule, body, f"_{rule.name}_{kind}")
+        functions += compiled
+        helpers |= used
     values = defaults[part.prefix]
     params = ", ".join(f"{h.name}: {_annotation(h)} = {safe.literal(values[h.name])}" for h in rule.hypers)
     signature = _def("    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], "
@@ -157,7 +156,7 @@ def compiled_class(env, part: Part, defaults: dict[str, dict[str, object]]) -> t
         functions=functions, class_name=part.class_name, rule=rule.name, doc=doc,
         signature=signature, defaults=fit(f"        defaults = {{{entries}}}"),
         prefix=f"_{rule.name}", vector=rule.vector is not None)
-    return "\n".join(line for raw in source.rstrip("\n").split("\n") for line in fit(raw)), helpers
+    return source.rstrip("\n"), helpers  # body lines are fitted as emitted; the module is fitted once more whole
 
 
 def _def(line: str) -> list[str]:
