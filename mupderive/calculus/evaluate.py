@@ -189,9 +189,7 @@ class Evaluator:
             if self.body.decay is not None:
                 decay = self.guard(self.body.decay, env)
                 weight = self.frame.mul(decay, base["W"])
-                decay_term = BinOp("*", self.body.decay, Name("W"))
-                total = self.compare(BinOp("+", self.body.direction, decay_term, loc=self.body.direction.loc),
-                                     "decay", "effect", [direction, weight])
+                total = self.compare(self.body.decay_sum, "decay", "effect", [direction, weight])
             new_states = {name: self.settle(env[name]) for name in states}
             snapshot = new_states
             if snapshot == previous:

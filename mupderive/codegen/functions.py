@@ -24,15 +24,9 @@ class Function:
     body: tuple[str, ...]
 
 
-def reads(body: Body) -> set[str]:
-    """Every name the body reads (initial values, compute, direction, decay)."""
-    exprs = [e for _, e in body.state] + [a.value for a in body.compute] + [body.direction]
-    return set().union(*(names(e) for e in exprs + ([body.decay] if body.decay is not None else [])))
-
-
 def compile_body(rule: Rule, body: Body, prefix: str) -> tuple[list[Function], set[str]]:
     """The init function and one step function per layout of ``body`` (named ``prefix_...``), and helpers used."""
-    if "H" in reads(body):
+    if "H" in body.reads:
         raise MupError(f"rule {rule.name!r} reads H (a Hessian estimate), which only its library implementation "
                        f"computes; mupderive cannot generate this optimizer from the rule")
     init, helpers, shapes = _init_function(rule, body, prefix)

@@ -7,7 +7,6 @@ import re
 from collections.abc import Mapping
 
 from mupderive.codegen import safe
-from mupderive.codegen.functions import reads
 from mupderive.codegen.parts import Part, bodies
 from mupderive.derivation import Derivation
 from mupderive.errors import MupError
@@ -22,7 +21,7 @@ CONVENTION_TEXT = {
 def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool]) -> dict[str, object]:
     """The template variables of the module docstring."""
     document = derivation.to_json()
-    reads_hessian = any("H" in reads(body) for part in parts for body in bodies(part.rule))
+    reads_hessian = any("H" in body.reads for part in parts for body in bodies(part.rule))
     return {
         "title_line": _title_line(derivation.rule),
         "command": _command(derivation, options),

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
-from mupderive.language.ir import Assign, Expr
+from mupderive.language.ir import Assign, BinOp, Expr, Name, names
 
 ROLES = ("input", "hidden", "output", "vector")
 HYPER_ROLES = ("lr", "scale", "width-free")
@@ -44,6 +44,20 @@ class Body:
     @property
     def state_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.state)
+
+    @cached_property
+    def reads(self) -> frozenset[str]:
+        """Every name the body reads (initial values, compute, direction, decay)."""
+        exprs = [e for _, e in self.state] + [a.value for a in self.compute] + [self.direction]
+        return frozenset().union(*(names(e) for e in exprs + ([self.decay] if self.decay is not None else [])))
+
+    @cached_property
+    def decay_sum(self) -> Expr | None:
+        """``direction + decay * W``, the sum the decay is compared in (one node, so the calculus and the
+        interpreter key that comparison alike); None without a decay."""
+        if self.decay is None:
+            return None
+        return BinOp("+", self.direction, BinOp("*", self.decay, Name("W")), loc=self.direction.loc)
 
 
 @dataclass(frozen=True)

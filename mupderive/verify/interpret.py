@@ -18,7 +18,7 @@ import torch
 from mupderive.errors import MupError
 from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose
 from mupderive.language.printer import show_expr
-from mupderive.language.rule import Body, Rule, Value
+from mupderive.language.rule import Rule, Value
 
 TermKey = tuple[str, int, int, str]
 
@@ -26,11 +26,6 @@ TermKey = tuple[str, int, int, str]
 def term_key(op: str, node: Expr) -> TermKey:
     """Identifies a comparison across loads of the same rule file: its kind, location and text."""
     return op, node.loc.line, node.loc.col, show_expr(node)
-
-
-def decay_node(body: Body) -> Expr:
-    """The node the calculus uses for the decay comparison ``U + decay * W``."""
-    return BinOp("+", body.direction, BinOp("*", body.decay, Name("W")), loc=body.direction.loc)
 
 
 @dataclass
@@ -57,7 +52,6 @@ class Interpreter:
         self.t = 0
         self.terms: dict[TermKey, tuple[torch.Tensor, ...]] = {}
         self._keys: dict[tuple[str, int], TermKey] = {}
-        self._decay_node = decay_node(self.body) if self.body.decay is not None else None
 
     def step(self, W: torch.Tensor, G: torch.Tensor, H: torch.Tensor | None = None) -> Step:
         """Advance one step from parameter ``W`` with gradient ``G`` (and Hutchinson estimate ``H``)."""
@@ -88,7 +82,7 @@ class Interpreter:
             new = W - lr * direction
         else:
             decay = self.eval(self.body.decay, env) if decay is None else decay
-            self._record("decay", self._decay_node, (direction, decay * seen))
+            self._record("decay", self.body.decay_sum, (direction, decay * seen))
             new = (seen if self.body.decay_first else W * (1 - lr * decay)) - lr * direction
         self.states = {name: env[name] for name in self.states}
         values = {stmt.target: env[stmt.target] for stmt in self.body.compute} | {"direction": direction}

@@ -37,7 +37,7 @@ from mupderive.calculus.exponent import ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.derivation import Derivation, LayerDerivation, derive
 from mupderive.errors import MupError
-from mupderive.language.ir import Name, names, walk
+from mupderive.language.ir import names
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Implementation, Rule, Value
 from mupderive.solver import evaluate
@@ -171,9 +171,7 @@ class RolePlan:
 
     @property
     def reads_hessian(self) -> bool:
-        body = self.rule.body(self.role)
-        exprs = [init for _, init in body.state] + [s.value for s in body.compute] + [body.direction]
-        return any(isinstance(n, Name) and n.id == "H" for e in exprs for n in walk(e))
+        return "H" in self.rule.body(self.role).reads
 
     def values(self, n: int, fixed: str | None = None) -> dict[str, Value]:
         """Hyperparameters at width ``n``: the derived law ``c n^E`` with ``c = base n_base^-E``. ``fixed`` keeps
