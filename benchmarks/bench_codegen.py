@@ -18,13 +18,11 @@ calls alternate ABBA so drift and cache effects hit both sides; the load average
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,18 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mupderive import derive  # noqa: E402
 from mupderive.codegen import generate  # noqa: E402
 from mupderive.verify.models import GPT  # noqa: E402
+from mupderive.verify.train import import_source  # noqa: E402
 
 VOCAB = 96
-
-
-def load(source: str, name: str):
-    """Import generated source from a temporary file."""
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gpt(width: int, n_layer: int = 4) -> GPT:
@@ -97,7 +86,7 @@ def param_sets() -> dict[str, Callable[[], list[nn.Parameter]]]:
 # -- (a) -----------------------------------------------------------------------------------------------------------
 def bench_module_step(reps: int) -> list[dict]:
     """The generated module's AdamW vs torch.optim.AdamW with the same groups, built by hand."""
-    module = load(generate(derive("adamw")), "bench_mup_adamw")
+    module = import_source(generate(derive("adamw")))
     rows = []
     for foreach in (True, False):
         model, base = gpt(256), gpt(64)
@@ -132,8 +121,8 @@ def bench_control(reps: int) -> list[dict]:
 
 # -- (b) -----------------------------------------------------------------------------------------------------------
 def bench_ir(reps: int) -> list[dict]:
-    adamw_ir = load(generate(derive("adamw"), backend="ir"), "bench_ir_adamw").AdamW
-    lamb_ir = load(generate(derive("lamb")), "bench_ir_lamb").Lamb
+    adamw_ir = import_source(generate(derive("adamw"), backend="ir")).AdamW
+    lamb_ir = import_source(generate(derive("lamb"))).Lamb
 
     def lamb_library(params, foreach):
         optimizer = pytorch_optimizer.Lamb(params, lr=1e-3, weight_decay=0.1, foreach=foreach)
@@ -171,7 +160,7 @@ class Deep(nn.Module):
 
 
 def bench_build(reps: int) -> list[dict]:
-    module = load(generate(derive("adamw")), "bench_build_adamw")
+    module = import_source(generate(derive("adamw")))
     model = Deep(64)
     base = {name: (16,) * p.ndim for name, p in model.named_parameters()}
     assert len(base) == 1000

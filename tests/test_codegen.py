@@ -7,7 +7,6 @@ import ast
 import copy
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 import py_compile
@@ -29,6 +28,7 @@ from mupderive.errors import MupError
 from mupderive.language.rule import Hyper, Implementation
 from mupderive.verify.data import CharVocab
 from mupderive.verify.models import GPT, MLP
+from mupderive.verify.train import import_source
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = CharVocab().size
@@ -40,17 +40,9 @@ def source(rule: str, convention: str = "spectral", backend: str = "auto") -> st
     return generate(derive(rule, convention), backend=backend)
 
 
-def load(text: str, path: Path):
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
-def adamw(tmp_path):
-    return load(source("adamw"), tmp_path / "mup_adamw.py")
+def adamw():
+    return import_source(source("adamw"))
 
 
 def gpt(width: int) -> GPT:
@@ -109,9 +101,9 @@ def test_header_states_the_derivation():
     assert "import pytorch_optimizer" in source("lion")
 
 
-def test_exponents_in_the_module_are_the_derivation(tmp_path):
+def test_exponents_in_the_module_are_the_derivation():
     for rule, convention in [("adamw", "spectral"), ("sgd", "mup-package"), ("muon", "spectral")]:
-        module = load(generate(derive(rule, convention)), tmp_path / f"m_{rule}.py")
+        module = import_source(generate(derive(rule, convention)))
         layers = derive(rule, convention).to_json()["layers"]
         for role, layer in layers.items():
             lr_name = load_rule(layer["rule"]).lr.name
@@ -134,7 +126,7 @@ def _hostile_rule_text(text: str) -> str:
 
 
 @pytest.mark.parametrize("text", HOSTILE_TEXT)
-def test_free_text_from_a_rule_cannot_become_code(text, tmp_path):
+def test_free_text_from_a_rule_cannot_become_code(text):
     rule = parse_rule(_hostile_rule_text(text), "hostile.toml")
     assert text in rule.title
     out = generate(derive(rule), backend="ir")
@@ -147,7 +139,7 @@ def test_free_text_from_a_rule_cannot_become_code(text, tmp_path):
             assert "__import__" not in node.value and "import os" not in node.value
     docstring = ast.get_docstring(tree, clean=False)
     assert '"""' not in docstring and "\\" not in docstring and "\u202e" not in out
-    load(out, tmp_path / "hostile.py")  # imports cleanly (and runs nothing)
+    import_source(out)  # imports cleanly (and runs nothing)
 
 
 def _with(rule, **changes):
@@ -302,8 +294,8 @@ def spectral(fan_out: int, fan_in: int) -> float:
 
 
 # -- MuP: multipliers -------------------------------------------------------------------------------------------------
-def test_readout_multiplier_is_a_hook_and_state_dict_is_unchanged(tmp_path):
-    module = load(source("adamw", "mup-package"), tmp_path / "mup_pkg.py")
+def test_readout_multiplier_is_a_hook_and_state_dict_is_unchanged():
+    module = import_source(source("adamw", "mup-package"))
     torch.manual_seed(0)
     model = gpt(64)
     idx = torch.randint(VOCAB, (2, 8))
@@ -319,8 +311,8 @@ def test_readout_multiplier_is_a_hook_and_state_dict_is_unchanged(tmp_path):
     assert torch.allclose(model(idx), plain)
 
 
-def test_embedding_multiplier_scales_the_output(tmp_path):
-    module = load(generate(derive("adamw", fixes=[_fix("input.multiplier=-1")])), tmp_path / "fixed.py")
+def test_embedding_multiplier_scales_the_output():
+    module = import_source(generate(derive("adamw", fixes=[_fix("input.multiplier=-1")])))
     torch.manual_seed(0)
     emb = nn.Embedding(10, 32)
     plain = emb(torch.arange(10))
@@ -377,8 +369,8 @@ def test_describe_lists_every_parameter(adamw):
     assert len(table) == 1 + len(list(gpt(64).parameters()))
 
 
-def test_hybrid_optimizer_delegates_and_round_trips(tmp_path):
-    module = load(source("muon"), tmp_path / "mup_muon.py")
+def test_hybrid_optimizer_delegates_and_round_trips():
+    module = import_source(source("muon"))
     torch.manual_seed(0)
     model = gpt(32)
     p = module.MuP(model, gpt(16))
@@ -414,19 +406,9 @@ def test_hybrid_optimizer_delegates_and_round_trips(tmp_path):
     assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in model.state_dict().items())
 
 
-def test_delta_gives_roles_to_a_model_at_its_base_width(tmp_path):
+def test_delta_gives_roles_to_a_model_at_its_base_width():
     """A model equal to its base has no visibly scaling dimension; ``delta`` (another width) supplies them."""
-    import importlib.util
-
-    from mupderive import derive
-    from mupderive.codegen import generate
-    from mupderive.verify.models import MLP
-
-    path = tmp_path / "mup_muon_delta.py"
-    path.write_text(generate(derive("muon")))
-    spec = importlib.util.spec_from_file_location("mup_muon_delta", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_source(source("muon"))
     plain = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4))
     assert set(plain.roles.values()) == {"fixed"}
     p = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4), delta=MLP(8, 64, 4))

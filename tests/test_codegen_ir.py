@@ -4,7 +4,6 @@ interpreter, in both layouts (foreach kernels and one tensor at a time)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 
 import pytest
@@ -15,18 +14,11 @@ from mupderive import derive, load_rule
 from mupderive.codegen import generate
 from mupderive.codegen.parts import Part
 from mupderive.verify.interpret import Interpreter
+from mupderive.verify.train import import_source
 
 STEPS = 20
 SHAPES = [(8, 5), (5,), (3, 7)]  # a matrix, a vector, a wide matrix
 
-
-
-def load(source: str, path) -> object:
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @functools.cache
@@ -34,9 +26,9 @@ def compiled_source(rule_name: str) -> str:
     return generate(derive(rule_name), backend="ir")
 
 
-def compiled_class(rule_name: str, tmp_path) -> type:
+def compiled_class(rule_name: str) -> type:
     """The optimizer class generate(..., backend="ir") compiles from the rule."""
-    module = load(compiled_source(rule_name), tmp_path / f"ir_{rule_name}.py")
+    module = import_source(compiled_source(rule_name))
     return getattr(module, Part(load_rule(rule_name), (), "", "ir").class_name)
 
 
@@ -103,16 +95,16 @@ def _lamb(params, clamp: float, **kwargs) -> pytorch_optimizer.Lamb:
 
 
 @pytest.mark.parametrize(("rule", "foreach"), list(itertools.product(LIBRARY, [True, False])))
-def test_compiled_rule_matches_the_library_step_for_step(rule, foreach, tmp_path):
+def test_compiled_rule_matches_the_library_step_for_step(rule, foreach):
     hypers, library, rtol = LIBRARY[rule]
-    cls = compiled_class(rule, tmp_path)
+    cls = compiled_class(rule)
     ours = run(lambda p: cls(p, **hypers, foreach=foreach))
     assert_trajectories_close(ours, run(library), rtol=rtol)
 
 
-def test_lamb_clamp_is_active_and_per_group(tmp_path):
+def test_lamb_clamp_is_active_and_per_group():
     """The clamp binds (weight norms exceed it), and two groups with different clamps differ from one clamp."""
-    cls = compiled_class("lamb", tmp_path)
+    cls = compiled_class("lamb")
     norms = [p.norm().item() for p in tensors(0) if p.ndim == 2]
     assert min(norms) > LIBRARY["lamb"][0]["clamp"]
 
@@ -124,10 +116,10 @@ def test_lamb_clamp_is_active_and_per_group(tmp_path):
     assert torch.equal(same[0], split[0]) and not torch.allclose(same[2], split[2])
 
 
-def test_lamb_trust_ratio_sees_the_decayed_weight(tmp_path):
+def test_lamb_trust_ratio_sees_the_decayed_weight():
     """decay_first: with a large decay the library and the compiled rule still agree (the trust ratio reads the
     decayed W); a rule applying the decay after the direction would not."""
-    cls = compiled_class("lamb", tmp_path)
+    cls = compiled_class("lamb")
     ours = run(lambda p: cls(p, lr=0.1, weight_decay=2.0, clamp=1e9), steps=3)
     theirs = run(lambda p: _lamb(p, clamp=1e9, lr=0.1, weight_decay=2.0), steps=3)
     assert_trajectories_close(ours, theirs)
@@ -135,10 +127,10 @@ def test_lamb_trust_ratio_sees_the_decayed_weight(tmp_path):
 
 @pytest.mark.parametrize("rule", ["adamw", "lion", "lamb", "adam_atan2", "adopt", "adafactor", "shampoo", "muon",
                                   "rmsprop", "sgd", "signsgd", "adam"])
-def test_compiled_rule_matches_the_reference_interpreter(rule, tmp_path):
+def test_compiled_rule_matches_the_reference_interpreter(rule):
     """Every built-in body (sophia excepted: only its library computes H) against mupderive.verify.interpret."""
     loaded = load_rule(rule)
-    cls = compiled_class(rule, tmp_path)
+    cls = compiled_class(rule)
     values = {h.name: h.default for h in loaded.hypers} | {loaded.lr.name: 1e-2}
     if "weight_decay" in values:
         values["weight_decay"] = 0.1
@@ -156,9 +148,9 @@ def test_compiled_rule_matches_the_reference_interpreter(rule, tmp_path):
             assert torch.allclose(p.detach(), e, rtol=1e-8, atol=1e-10), f"{rule}, step {step}"
 
 
-def test_a_parameter_without_gradient_keeps_its_own_step_count(tmp_path):
+def test_a_parameter_without_gradient_keeps_its_own_step_count():
     """t is per parameter: a parameter that skips a step is not advanced, and its bias correction uses its own t."""
-    cls = compiled_class("adamw", tmp_path)
+    cls = compiled_class("adamw")
     a, b = (torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     optimizer = cls([a, b], lr=1e-2)
     alone = torch.optim.AdamW([c := b.detach().clone().requires_grad_()], lr=1e-2)
@@ -171,10 +163,10 @@ def test_a_parameter_without_gradient_keeps_its_own_step_count(tmp_path):
     assert torch.allclose(b, c)
 
 
-def test_library_lamb_counts_steps_per_group(tmp_path):
+def test_library_lamb_counts_steps_per_group():
     """pytorch_optimizer.Lamb keeps one step counter per group (bias correction 1 - beta1^t_group): a parameter that
     skipped steps then moves differently from the compiled rule (t per parameter); one that never skips agrees."""
-    cls = compiled_class("lamb", tmp_path)
+    cls = compiled_class("lamb")
 
     def trained(make):
         a, b = (p.requires_grad_() for p in tensors(5)[0::2])
@@ -189,8 +181,8 @@ def test_library_lamb_counts_steps_per_group(tmp_path):
     assert torch.allclose(ours[1], theirs[1], rtol=1e-9) and not torch.allclose(ours[0], theirs[0], rtol=1e-6)
 
 
-def test_state_dict_round_trips(tmp_path):
-    cls = compiled_class("lamb", tmp_path)
+def test_state_dict_round_trips():
+    cls = compiled_class("lamb")
     params = [p.requires_grad_() for p in tensors(0)]
     first = cls(params, lr=1e-2)
     for p in params:

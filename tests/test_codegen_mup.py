@@ -16,7 +16,6 @@ Conventions that differ, and how the comparison handles them:
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import mup
 import pytest
@@ -27,6 +26,7 @@ from mupderive import derive
 from mupderive.codegen import generate
 from mupderive.verify.data import CharVocab, char_batches, context_batches, load_corpus
 from mupderive.verify.models import GPT, MLP
+from mupderive.verify.train import import_source
 
 VOCAB = CharVocab().size
 WIDTH, BASE, STEPS = 64, 16, 6
@@ -42,10 +42,7 @@ CASES = {
 
 @functools.cache
 def module(rule: str):
-    spec = importlib.util.spec_from_loader(f"mup_pkg_{rule}", loader=None)
-    generated = importlib.util.module_from_spec(spec)
-    exec(compile(generate(derive(rule, "mup-package")), f"<mup_pkg_{rule}>", "exec"), generated.__dict__)
-    return generated
+    return import_source(generate(derive(rule, "mup-package")))
 
 
 def mlp(width: int, readout: bool = False) -> MLP:

@@ -3,7 +3,6 @@ corpus batches with the rule's default hyperparameters."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -14,22 +13,16 @@ from mupderive import builtin_rule_names
 from mupderive.codegen.golden import GOLDEN_DIR
 from mupderive.verify.data import CharVocab, context_batches, load_corpus
 from mupderive.verify.models import MLP
+from mupderive.verify.train import import_source
 
 VOCAB = CharVocab().size
 CONTEXT = 1
 
 
 
-def golden(rule: str):
-    spec = importlib.util.spec_from_file_location(f"golden_{rule}", GOLDEN_DIR / f"{rule}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("rule", builtin_rule_names())
 def test_golden_module_imports_and_trains(rule):
-    module = golden(rule)
+    module = import_source((GOLDEN_DIR / f"{rule}.py").read_text(encoding="utf-8"))
     torch.manual_seed(0)
     model = MLP(CONTEXT * VOCAB, 48, VOCAB, depth=3)
     p = module.MuP(model, MLP(CONTEXT * VOCAB, 16, VOCAB, depth=3))

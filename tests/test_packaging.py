@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def venv(wheel, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     python = home / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile"]
-    deps = _run([*pip, "sympy>=1.12", "jinja2>=3.1"], cwd=home, timeout=300)
+    deps = _run([*pip, *tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]], cwd=home,
+                timeout=300)
     if deps.returncode != 0:
         tail = (deps.stderr.strip().splitlines() or ["?"])[-1]
         pytest.skip(f"sympy and jinja2 cannot be installed (no network and not in a local index?): {tail}")

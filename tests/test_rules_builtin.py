@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from mupderive.language.ir import Expr
 from mupderive.language.parse import Origin, parse_expr
 from mupderive.language.printer import show_expr, show_rule
 from mupderive.language.rule import HYPER_ROLES, ROLES, Body, Rule
+from mupderive.verify.train import import_class
 
 EXPECTED = ["adafactor", "adam", "adam_atan2", "adamw", "adopt", "lamb", "lion", "muon", "rmsprop", "sgd", "shampoo",
             "signsgd", "sophia"]
@@ -35,11 +35,6 @@ def expressions(body: Body) -> Iterator[tuple[str, Expr]]:
     yield "direction", body.direction
     if body.decay is not None:
         yield "decay", body.decay
-
-
-def constructor(path: str) -> type:
-    module, _, cls = path.rpartition(".")
-    return getattr(importlib.import_module(module), cls)
 
 
 def test_exactly_the_thirteen_builtin_rules():
@@ -103,10 +98,8 @@ def test_implementation_args_map_declared_hyperparameters(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if load_rule(n).implementation.cls is not None])
 def test_mapped_constructor_arguments_exist(name):
-    pytest.importorskip("torch")
-    pytest.importorskip("pytorch_optimizer")
     impl = load_rule(name).implementation
-    params = inspect.signature(constructor(impl.cls).__init__).parameters
+    params = inspect.signature(import_class(impl.cls).__init__).parameters
     named = {p.name: p for p in params.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     for hyper, arg in impl.args:
         match = re.fullmatch(r"(\w+)(?:\[(\d)\])?", arg)
