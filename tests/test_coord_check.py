@@ -27,8 +27,9 @@ from mupderive.verify.coord_check import run_check
 from mupderive.verify.coord_fit import fit_slope
 from mupderive.verify.coord_judge import FLAT, NOT_ABOVE, Expect, checkpoints
 from mupderive.verify.coord_measure import QUANTITIES, train_and_measure
-from mupderive.verify.coord_task import GPTTask, MLPTask, base_shapes, roles
+from mupderive.verify.coord_task import GPTTask, MLPTask
 from mupderive.verify.fit import t975
+from mupderive.verify.models import base_shapes, roles
 from mupderive.verify.train import import_source
 
 WIDTHS = (32, 64, 128, 256)

@@ -37,8 +37,9 @@ from mupderive.solver import Fix, parse_fix
 from mupderive.verify.coord_judge import NOT_ABOVE, Check, Expect, Targets, diagnose, judge
 from mupderive.verify.coord_measure import train_and_measure
 from mupderive.verify.coord_setup import Derived, Standard
-from mupderive.verify.coord_task import GPTTask, MLPTask, Task, base_shapes, layer_roles, roles
+from mupderive.verify.coord_task import GPTTask, MLPTask, Task, layer_roles
 from mupderive.verify.data import load_corpus, split_corpus
+from mupderive.verify.models import base_shapes, roles
 from mupderive.verify.train import needs_graph, resolve_device
 
 BASE_LR = {"adafactor": 1e-2, "adam": 1e-3, "adam_atan2": 1e-3, "adamw": 1e-3, "adopt": 1e-3, "lamb": 1e-3,

@@ -1,8 +1,8 @@
 """The models a coordinate check trains and their data: an MLP on character contexts and a small GPT.
 
-A task builds its model at any width and draws batches from the shipped corpus. ``roles`` reads each parameter's
-role off which of its dimensions grow with the width (the same rule the generated module applies), and ``chain`` is
-the MLP's layer chain for the engine's first-step prediction (none exists for the GPT).
+A task builds its model at any width and draws batches from the shipped corpus. ``layer_roles`` gives each recorded
+layer the role :func:`mupderive.verify.models.roles` reads off its weight, and ``chain`` is the MLP's layer chain for
+the engine's first-step prediction (none exists for the GPT).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from mupderive.errors import MupError
 from mupderive.verify.data import CharVocab, Device, char_batches, context_batches
-from mupderive.verify.models import GPT, MLP, layer_names
+from mupderive.verify.models import GPT, MLP, layer_names, roles
 
 VOCAB = CharVocab().size
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -78,42 +78,9 @@ class GPTTask:
 Task = MLPTask | GPTTask
 
 
-def _fans(module: nn.Module, name: str, shape: torch.Size) -> tuple[int, ...]:
-    """(fan_out, fan_in) of a matrix (an Embedding table is stored transposed), or the shape of a vector."""
-    if isinstance(module, nn.Embedding) and name == "weight":
-        return shape[1], shape[0]
-    return tuple(shape)
-
-
-def roles(task: Task, width: int) -> dict[str, str]:
-    """``{parameter name: input|hidden|output|vector|fixed}`` from which fans grow between ``width`` and ``2 width``."""
-    with torch.device("meta"):
-        small, large = task.build(width), task.build(2 * width)
-    grows = {}
-    for model, key in ((small, 0), (large, 1)):
-        for mod_name, module in model.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                grows.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, [None, None])[key] = \
-                    _fans(module, p_name, p.shape)
-    out = {}
-    for name, (a, b) in grows.items():
-        wide = tuple(x != y for x, y in zip(a, b, strict=True))
-        if len(wide) == 1:
-            out[name] = "vector" if wide[0] else "fixed"
-        else:
-            out[name] = {(True, True): "hidden", (True, False): "input", (False, True): "output"}.get(wide, "fixed")
-    return out
-
-
 def layer_roles(task: Task, width: int) -> dict[str, str]:
     """``{layer name: role}`` for the recorded layers, the role of each layer's weight."""
     with torch.device("meta"):
         names = layer_names(task.build(width))
     params = roles(task, width)
     return {name: params[f"{name}.weight"] for name in names}
-
-
-def base_shapes(task: Task, width: int) -> dict[str, tuple[int, ...]]:
-    """``{parameter name: shape}`` of the model at ``width`` (built on the meta device, no memory)."""
-    with torch.device("meta"):
-        return {name: tuple(p.shape) for name, p in task.build(width).named_parameters()}

@@ -1,11 +1,13 @@
 """Reference models for verification: a plain MLP and a small GPT, plus activation recording.
 
 Both use default PyTorch initialization; the generated muP module re-initializes and re-scales them.
-Submodules are registered in the order the forward pass calls them, so `layer_names` is in forward order.
+Submodules are registered in the order the forward pass calls them, so `layer_names` is in forward order. `roles`
+reads each parameter's role off which of its fans grow with the width (the rule the generated module applies).
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,42 @@ def record_activations(model: nn.Module, names: list[str]) -> Iterator[dict[str,
     finally:
         for handle in handles:
             handle.remove()
+
+
+class Buildable(Protocol):
+    """Anything that builds a model at a width (a coordinate-check task, a transfer sweep's model spec)."""
+
+    def build(self, width: int) -> nn.Module: ...
+
+
+def _fans(module: nn.Module, name: str, shape: torch.Size) -> tuple[int, ...]:
+    """(fan_out, fan_in) of a matrix (an Embedding table is stored transposed), or the shape of a vector."""
+    if isinstance(module, nn.Embedding) and name == "weight":
+        return shape[1], shape[0]
+    return tuple(shape)
+
+
+def roles(task: Buildable, width: int) -> dict[str, str]:
+    """``{parameter name: input|hidden|output|vector|fixed}`` from which fans grow between ``width`` and ``2 width``."""
+    with torch.device("meta"):
+        small, large = task.build(width), task.build(2 * width)
+    grows = {}
+    for model, key in ((small, 0), (large, 1)):
+        for mod_name, module in model.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                grows.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, [None, None])[key] = \
+                    _fans(module, p_name, p.shape)
+    out = {}
+    for name, (a, b) in grows.items():
+        wide = tuple(x != y for x, y in zip(a, b, strict=True))
+        if len(wide) == 1:
+            out[name] = "vector" if wide[0] else "fixed"
+        else:
+            out[name] = {(True, True): "hidden", (True, False): "input", (False, True): "output"}.get(wide, "fixed")
+    return out
+
+
+def base_shapes(task: Buildable, width: int) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: shape}`` of the model at ``width`` (built on the meta device, no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in task.build(width).named_parameters()}

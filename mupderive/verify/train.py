@@ -30,7 +30,7 @@ from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Implementation, Rule
 from mupderive.verify.data import CharVocab, Device, char_batches, context_batches
-from mupderive.verify.models import GPT, MLP
+from mupderive.verify.models import GPT, MLP, roles
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -57,11 +57,6 @@ class ModelSpec:
         if self.kind == "mlp":
             return MLP(self.context * vocab, width, vocab, self.depth)
         return GPT(vocab, width, self.n_layer, self.n_head, self.block_size, self.attn_scale)
-
-    def shapes(self, width: int) -> dict[str, torch.Size]:
-        """Parameter shapes at `width`, without allocating memory (built on the meta device)."""
-        with torch.device("meta"):
-            return {name: p.shape for name, p in self.build(width).named_parameters()}
 
     def batches(self, text: str, batch_size: int, generator: torch.Generator, device: Device) -> Batches:
         """Infinite (x, y) batches of `text` for this architecture."""
@@ -125,10 +120,8 @@ def constructor_kwargs(rule: Rule) -> dict[str, Any]:
 
 
 def hidden_matrices(spec: ModelSpec, width: int) -> set[str]:
-    """Names of the 2-D parameters both of whose dimensions grow with width (the 'hidden' role)."""
-    here, wider = spec.shapes(width), spec.shapes(2 * width)
-    return {name for name, shape in here.items()
-            if len(shape) == 2 and all(a != b for a, b in zip(shape, wider[name], strict=True))}
+    """Names of the parameters in the 'hidden' role (both fans grow with width)."""
+    return {name for name, role in roles(spec, width).items() if role == "hidden"}
 
 
 class Chain:

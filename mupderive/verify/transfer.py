@@ -29,6 +29,7 @@ from mupderive.derivation import derive
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.verify.data import load_corpus, split_corpus
+from mupderive.verify.models import base_shapes
 from mupderive.verify.store import Run, Store
 from mupderive.verify.train import (
     ModelSpec,
@@ -143,11 +144,12 @@ class Sweep:
         if self.generated is None:
             return standard_optimizer(self.setup, model, hidden_matrices(self.config.model, width), lr)
         if self.config.parameterization == "derived":
-            shapes = self.config.model.shapes  # delta: a model at the base width itself keeps its roles
-            mup = self.generated.MuP(model, shapes(self.base_width), delta=shapes(2 * self.base_width))
+            spec = self.config.model  # delta: a model at the base width itself keeps its roles
+            mup = self.generated.MuP(model, base_shapes(spec, self.base_width),
+                                     delta=base_shapes(spec, 2 * self.base_width))
             mup.initialize_()
         else:  # no library class: the generated optimizer with the model as its own base (every ratio 1)
-            mup = self.generated.MuP(model, self.config.model.shapes(width))
+            mup = self.generated.MuP(model, base_shapes(self.config.model, width))
         names = inspect.signature(mup.optimizer).parameters
         return mup.optimizer(**{name: lr for name in names if name == "lr" or name.endswith("_lr")})
 
