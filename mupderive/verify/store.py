@@ -43,7 +43,6 @@ CREATE TABLE IF NOT EXISTS runs (
     config TEXT NOT NULL,                 -- JSON: the full configuration of the sweep that ran it
     finished_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
-CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep);
 """
 
 
@@ -78,6 +77,7 @@ class Run:
 
 _COLUMNS = [f.name for f in fields(Run)]
 _WRITTEN = _COLUMNS[:-2]
+_CHUNK = 500  # keys per query, below SQLite's limit on bound parameters
 
 
 class Store:
@@ -126,9 +126,14 @@ class Store:
 
     def runs(self, keys: Iterable[str] | None = None) -> list[Run]:
         """Stored runs (those with the given keys, or all), in insertion order."""
-        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY id").fetchall()
-        wanted = None if keys is None else set(keys)
-        return [_run(row) for row in rows if wanted is None or row[_COLUMNS.index("key")] in wanted]
+        select = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+        if keys is None:
+            return [_run(row) for row in self.db.execute(f"{select} ORDER BY id")]
+        wanted, rows = sorted(set(keys)), []
+        for start in range(0, len(wanted), _CHUNK):  # the key column is unique, hence indexed
+            chunk = wanted[start:start + _CHUNK]
+            rows += self.db.execute(f"{select} WHERE key IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+        return [_run(row) for row in sorted(rows, key=lambda row: row[_COLUMNS.index("id")])]
 
 
 def _run(row: tuple) -> Run:
