@@ -78,20 +78,29 @@ def gpt_lrs(rule: str) -> list[float]:
     return [2.0 ** (GPT_CENTRE[rule] + j) for j in GPT_FINE]
 
 
-def sweep_rule(rule: str, parameterization: str, store_path: str, device: str, model: str, progress: bool) -> dict:
-    """Run (or resume) the coarse scan and the fine sweep of one rule; return timing and the fine grid."""
-    start = time.perf_counter()
-    if model == "gpt":
-        sweep = Sweep(config(rule, parameterization, gpt_lrs(rule), device, model))
-        with Store(store_path) as store:
-            run_sweep(sweep, store, progress)
-        return {"rule": rule, "parameterization": parameterization, "wall_s": time.perf_counter() - start,
-                "lrs": list(sweep.config.lrs)}
+def coarse_scan(rule: str, parameterization: str, device: str) -> tuple[Sweep, list[tuple[int, float, int]]]:
+    """The MLP's coarse scan: the sweep and its points (every coarse lr at the base width, seed 0)."""
     coarse = Sweep(config(rule, parameterization, coarse_lrs(rule), device))
+    return coarse, [(min(coarse.config.widths), lr, 0) for lr in coarse.config.lrs]
+
+
+def fine_sweep(rule: str, parameterization: str, device: str, model: str, store: Store) -> Sweep:
+    """The sweep the benchmark reports: the GPT's fixed grid, or the MLP grid centred on the stored coarse scan."""
+    if model == "gpt":
+        return Sweep(config(rule, parameterization, gpt_lrs(rule), device, model))
+    coarse, points = coarse_scan(rule, parameterization, device)
+    runs = store.runs(coarse.key(*point) for point in points)
+    return Sweep(config(rule, parameterization, fine_lrs(rule, runs), device))
+
+
+def sweep_rule(rule: str, parameterization: str, store_path: str, device: str, model: str, progress: bool) -> dict:
+    """Run (or resume) the coarse scan (MLP) and the fine sweep of one rule; return timing and the fine grid."""
+    start = time.perf_counter()
     with Store(store_path) as store:
-        base = min(coarse.config.widths)
-        runs = run_sweep(coarse, store, progress, points=[(base, lr, 0) for lr in coarse.config.lrs])
-        sweep = Sweep(config(rule, parameterization, fine_lrs(rule, runs), device))
+        if model == "mlp":
+            coarse, points = coarse_scan(rule, parameterization, device)
+            run_sweep(coarse, store, progress, points=points)
+        sweep = fine_sweep(rule, parameterization, device, model, store)
         run_sweep(sweep, store, progress)
     return {"rule": rule, "parameterization": parameterization, "wall_s": time.perf_counter() - start,
             "lrs": list(sweep.config.lrs)}
@@ -121,16 +130,10 @@ def _done(result: dict) -> None:
     print(f"done {result['rule']} {result['parameterization']} in {result['wall_s']:.0f} s", flush=True)
 
 
-def load(rule: str, parameterization: str, store: Store, device: str, model: str
-         ) -> tuple[Sweep, dict[str, Summary], int]:
+def stored_results(rule: str, parameterization: str, store: Store, device: str, model: str
+                   ) -> tuple[Sweep, dict[str, Summary], int]:
     """The fine sweep of one rule from the store (nothing is trained): sweep, train/val summaries, missing runs."""
-    if model == "gpt":
-        sweep = Sweep(config(rule, parameterization, gpt_lrs(rule), device, model))
-    else:
-        coarse = Sweep(config(rule, parameterization, coarse_lrs(rule), device))
-        base = min(coarse.config.widths)
-        coarse_runs = store.runs(coarse.key(base, lr, 0) for lr in coarse.config.lrs)
-        sweep = Sweep(config(rule, parameterization, fine_lrs(rule, coarse_runs), device))
+    sweep = fine_sweep(rule, parameterization, device, model, store)
     runs = store.runs(sweep.key(*point) for point in sweep.plan())
     summaries = {metric: summarize(runs, sweep.config.widths, sweep.config.lrs, metric) for metric in ("train", "val")}
     return sweep, summaries, len(sweep.plan()) - len(runs)
@@ -159,8 +162,8 @@ def report(args: argparse.Namespace) -> int:
         for rule in args.rules:
             summaries = {}
             for parameterization in PARAMETERIZATIONS:
-                sweep, summaries[parameterization], missing = load(rule, parameterization, store, args.device,
-                                                                   args.model)
+                sweep, summaries[parameterization], missing = stored_results(rule, parameterization, store,
+                                                                             args.device, args.model)
                 c = sweep.config
                 what = (f"1-layer GPT, block {c.model.block_size}" if args.model == "gpt" else
                         f"depth-4 MLP, context {c.model.context}")
