@@ -514,7 +514,7 @@ class Emitter:
             return shapes[0] if shapes[0] == shapes[1] else None
         if isinstance(e, BinOp) and e.op in ("**", "@"):
             return shapes[0] if e.op == "**" else _result_shape("matmul", shapes)
-        if isinstance(e, Call) and (e.fn in TENSOR_CALLS or e.fn in _REDUCTIONS):
+        if isinstance(e, Call) and e.fn in TENSOR_CALLS:
             return _result_shape(e.fn, shapes)
         out = "0"
         for shape in shapes:
@@ -533,7 +533,7 @@ class Emitter:
             return "py"
         if isinstance(e, Name):
             return self.env[e.id].kind
-        if isinstance(e, Transpose) or isinstance(e, Call) and (e.fn in TENSOR_CALLS or e.fn in _REDUCTIONS):
+        if isinstance(e, Transpose) or isinstance(e, Call) and e.fn in TENSOR_CALLS:
             return "t"
         if isinstance(e, Cond):
             return self.kind(e.then)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from functools import cache
@@ -26,8 +25,6 @@ from mupderive.codegen.parts import BACKENDS, Part, defaults, plan, validate
 from mupderive.commands import _derivation, _options
 from mupderive.derivation import Derivation
 from mupderive.errors import MupError
-
-_EXPONENT = re.compile(r"-?[0-9]+(/[0-9]+)?")
 
 
 def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[str, bool] | None = None) -> str:
@@ -103,16 +100,8 @@ def _exponent_lines(derivation: Derivation, parts: list[Part]) -> list[str]:
     lines = []
     for role, layer in derivation.layers.items():
         lr_name = next(p.rule.lr.name for p in parts if role in p.roles)
-        row = {"multiplier": layer.multiplier, "init_std": layer.init_std, lr_name: layer.lr}
-        row |= {name: e for name, e in layer.hyper.items()}
-        cells = []
-        for name, exponent in row.items():
-            text = str(exponent)
-            if not _EXPONENT.fullmatch(text):
-                raise MupError(f"exponent {text!r} of {role}.{name} is not a rational number")
-            if name not in ("multiplier", "init_std"):
-                safe.identifier(name, "hyperparameter")
-            cells.append(f'"{name}": "{text}"')
+        row = {lr_name if name == "lr" else name: e for name, e in layer.exponents().items()}  # exact rationals
+        cells = [f'"{name}": "{exponent}"' for name, exponent in row.items()]  # names validated with the rule
         lines += fit(f'"{role}": {{{", ".join(cells)}}},')
     return lines
 

@@ -398,8 +398,8 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
                                             plan.synthetic(n, steps, seed, device))
             errors += errs
             for store, values in zip(samples, per_quantity, strict=True):
-                good = [v for v in values if v > 0 and math.isfinite(v)]
-                store[(seed, n)] = math.exp(sum(map(math.log, good)) / len(good)) if good else None
+                mean = _geomean(values)
+                store[(seed, n)] = None if math.isnan(mean) else mean
             bar.update()
     checks = []
     for q, store in zip(scenario.quantities, samples, strict=True):
@@ -422,7 +422,8 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
 
 
 def _geomean(values: list[float | None]) -> float:
-    good = [v for v in values if v]
+    """Geometric mean of the positive finite values (NaN when there are none)."""
+    good = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     return math.exp(sum(map(math.log, good)) / len(good)) if good else math.nan
 
 

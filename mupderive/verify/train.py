@@ -14,7 +14,7 @@ import math
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +220,8 @@ def needs_graph(optimizer) -> bool:
     return any("hessian" in inspect.signature(opt.step).parameters for opt in parts)
 
 
-def train(model: nn.Module, optimizer, batches: Batches, steps: int, warmup: int = 0, explode: float = 3.0,
-          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = loss_of) -> TrainResult:
+def train(model: nn.Module, optimizer, batches: Batches, steps: int, warmup: int = 0, explode: float = 3.0
+          ) -> TrainResult:
     """Train for `steps` steps under the warmup + cosine schedule (scaling each group's own lr).
 
     Stops early, as 'diverged', at the first step whose loss is NaN/inf or above `explode` times the first loss.
@@ -238,7 +238,7 @@ def train(model: nn.Module, optimizer, batches: Batches, steps: int, warmup: int
                 for group, base in zip(groups, base_lrs, strict=True):
                     group["lr"] = base * lr_factor(step, steps, warmup)
                 x, y = next(batches)
-                loss = loss_fn(model, x, y)
+                loss = loss_of(model, x, y)
                 value = loss.item()
                 losses.append(value)
                 if not math.isfinite(value) or value > explode * losses[0]:
@@ -263,9 +263,8 @@ def all_finite(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, n_batches: int,
-             loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = loss_of) -> float:
+def evaluate(model: nn.Module, batches: Batches, n_batches: int) -> float:
     """Mean loss over the next `n_batches` batches, in eval mode."""
     model.eval()
-    total = sum(loss_fn(model, *next(batches)).item() for _ in range(n_batches))
+    total = sum(loss_of(model, *next(batches)).item() for _ in range(n_batches))
     return total / n_batches
