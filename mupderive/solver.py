@@ -13,7 +13,7 @@ pins one hyperparameter at exponent 0 and lets the larger term win everywhere.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, Term, hyper_symbol
@@ -176,6 +176,7 @@ class Regime:
     lr: Exp
     kappa: Exp
     comparisons: tuple[Comparison, ...]
+    outcome: Outcome | None = field(default=None, compare=False, repr=False)  # the pinned step (None: nothing moved)
 
 
 def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
@@ -195,7 +196,7 @@ def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags
     touched = tuple(c for c in outcome.comparisons if name in c.direct) or tuple(
         c for c in outcome.comparisons  # e.g. a state whose initial value carries the hyperparameter
         if c.op != "decay" and any(name in t.hypers for t in c.terms) and not all(name in t.hypers for t in c.terms))
-    return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched)
+    return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched, outcome)
 
 
 def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: Exp, lr_derived: Exp,

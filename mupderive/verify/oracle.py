@@ -40,7 +40,6 @@ from mupderive.errors import MupError
 from mupderive.language.ir import names
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Implementation, Rule, Value
-from mupderive.solver import evaluate
 from mupderive.verify.fit import Fit, fit_slope
 from mupderive.verify.interpret import Interpreter, Step, TermKey, term_key
 from mupderive.verify.synthetic import METRICS, Layer, dims, make_layer
@@ -268,16 +267,12 @@ def plan_role(rule: Rule, layer: LayerDerivation, n_base: int) -> RolePlan:
     lr = (layer.fan_out - layer.fan_in) / 2 - layer.multiplier - frame.metric(balanced.direction, "spec")
     scenarios = [Scenario("derived", None, quantities(applied, layer.role, frame, lr, balanced,
                                                       balanced.comparisons))]
-    flags = {h.name: h.default for h in applied.hypers if isinstance(h.default, bool)}
     for name, regime in layer.if_fixed.items():
         if layer.hyper[name] == ZERO:
             continue  # already width-independent: nothing drifts
-        pins = dict(layer.balanced.hyper) | {name: ZERO}
-        outcome = evaluate(applied, layer.balanced.layer, flags, pins, False)
-        touched = {term_key(c.op, c.node) for c in regime.comparisons}
-        compared = [c for c in outcome.comparisons if term_key(c.op, c.node) in touched]
-        scenarios.append(Scenario(f"{name} fixed", name, quantities(applied, layer.role, frame, lr, outcome, compared),
-                                  regime.text, tuple(compared)))
+        compared = list(regime.comparisons)
+        scenarios.append(Scenario(f"{name} fixed", name, quantities(applied, layer.role, frame, lr, regime.outcome,
+                                                                    compared), regime.text, tuple(compared)))
     return RolePlan(layer.role, applied, layer, n_base, scenarios)
 
 
