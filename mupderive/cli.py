@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _rule_arg(p)
     _convention_args(p)
     p.add_argument("--layer", default=None, metavar="ROLE",
-                   help="input, hidden, output or vector, or NAME=O,I for a matrix with fan_out ~ n^O and "
-                        "fan_in ~ n^I (default: the four roles)")
+                   help="input, hidden, output or vector; tied (one tensor as embedding and readout) or "
+                        "attention (the logit scale); or NAME=O,I for a matrix with fan_out ~ n^O and "
+                        "fan_in ~ n^I (default: all of them)")
     p.add_argument("--format", default="text", choices=["text", "markdown"])
 
     p = sub.add_parser("compare", help="check a published table of exponents against the derivation",

@@ -10,6 +10,7 @@ from fractions import Fraction
 from mupderive.derivation import Derivation
 from mupderive.derivation import derive as derive_rule
 from mupderive.errors import MupError
+from mupderive.explain import SHARED
 from mupderive.explain import explain as explain_derivation
 from mupderive.language.load import load_rule
 from mupderive.language.printer import show_rule
@@ -66,10 +67,10 @@ def derive(args: argparse.Namespace) -> int:
 
 def explain(args: argparse.Namespace) -> int:
     custom = args.layer is not None and "=" in args.layer
-    if args.layer is not None and not custom and args.layer not in ROLES:
-        raise MupError(f"--layer {args.layer!r}: expected one of {', '.join(ROLES)} or NAME=O,I")
+    if args.layer is not None and not custom and args.layer not in (*ROLES, *SHARED):
+        raise MupError(f"--layer {args.layer!r}: expected one of {', '.join((*ROLES, *SHARED))} or NAME=O,I")
     d = _derivation(args, [args.layer] if custom else [])
-    roles = [_layer(args.layer)[0] if custom else args.layer] if args.layer else list(ROLES)
+    roles = [_layer(args.layer)[0] if custom else args.layer] if args.layer else None
     print(explain_derivation(d, roles, markdown=args.format == "markdown"))
     return 0
 

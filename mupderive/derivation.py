@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sympy
 
-from mupderive.calculus.exponent import ZERO, Exp, Signs, Undecidable
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.errors import CalculusError, MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Rule
@@ -30,6 +30,7 @@ from mupderive.solver import (
 )
 
 SCHEMA = "mupderive.derivation/1"
+ONE = Exp(1)
 FAN_IN, FAN_OUT = sympy.symbols("fan_in fan_out", positive=True)
 
 
@@ -62,6 +63,57 @@ class LayerDerivation:
         out = {"multiplier": rational(self.multiplier), "init_std": rational(self.init_std), "lr": rational(self.lr)}
         return out | {name: rational(e) for name, e in self.hyper.items()}
 
+    @property
+    def grad_norm(self) -> Exp:
+        """``|G|_F ~ n^{(i - o)/2 + m}``: this layer's share of a global gradient norm (what a clip threshold meets)."""
+        return self.balanced.layer.grad_norm
+
+
+@dataclass(frozen=True)
+class TiedDerivation:
+    """One tensor used twice: as the embedding (rows looked up, the input role) and, transposed, as the readout
+    (logits ``n^r W h``). It has one init, one lr and one set of hyperparameters, the embedding's; the readout
+    multiplier ``n^r`` is the one at which the output role's spectral bound equals that init, and the tie is sound
+    when the output role derived at ``r`` asks for the same lr, hyperparameters and gradient scale.
+    """
+
+    embedding: LayerDerivation
+    readout: LayerDerivation  # the output role re-derived at the readout multiplier
+    conflicts: tuple[str, ...]  # what no single tensor can meet (empty: the tie is sound)
+
+    @property
+    def rule(self) -> str:
+        return self.embedding.rule
+
+    @property
+    def grad_norm(self) -> Exp:
+        """Both uses' gradients are of this order (a conflict otherwise), so their sum is too."""
+        return self.embedding.grad_norm
+
+    def exponents(self) -> dict[str, sympy.Rational]:
+        """The embedding-side multiplier, the readout multiplier, the tensor's init, lr and hyperparameters."""
+        out = self.embedding.exponents()
+        return {"multiplier": out.pop("multiplier"), "readout_multiplier": rational(self.readout.multiplier)} | out
+
+
+@dataclass(frozen=True)
+class AttentionDerivation:
+    """The attention logit multiplier ``s`` in ``s q.k``, as an exponent of the head_dim ratio.
+
+    q and k are outputs of layers under the spectral condition (entries ~ 1); their dot product sums head_dim terms,
+    incoherently at init (~ head_dim^{1/2}) and coherently once training correlates q and k (~ head_dim), so the
+    logits stay ~ 1 during training iff ``s ~ head_dim^{-1}``; the usual ``head_dim^{-1/2}`` leaves them growing as
+    ``head_dim^{1/2}``. Only a growing head_dim moves it: more heads of a fixed size change nothing.
+    """
+
+    logit_scale: Exp  # trained (coherent) sum: the derived scale
+    at_init: Exp  # what keeps the logits ~ 1 at init only (the standard parameterization's choice)
+
+    @property
+    def standard_drift(self) -> Exp:
+        """How the logits grow with head_dim after training under the init-only scale."""
+        return self.at_init - self.logit_scale
+
 
 @dataclass(frozen=True)
 class Derivation:
@@ -72,6 +124,8 @@ class Derivation:
     fixes: tuple[Fix, ...]
     layers: dict[str, LayerDerivation]
     cases: dict[str, tuple[Exp, Exp, Exp]] = field(default_factory=dict)  # per quantity: fan_out >, =, < fan_in
+    tied: TiedDerivation | None = None
+    attention: AttentionDerivation = field(default_factory=lambda: attention_scale())
 
     @cached_property
     def formulas(self) -> dict[str, sympy.Expr]:
@@ -97,6 +151,9 @@ class Derivation:
             "kappa": {k: str(v) for k, v in kappa.items()} if isinstance(kappa, dict) else str(kappa),
             "formulas": {q: str(f) for q, f in self.formulas.items()},
             "layers": {role: _layer_json(layer) for role, layer in self.layers.items()},
+            "tied": _tied_json(self.tied) if self.tied else None,
+            "attention": {"logit_scale": str(rational(self.attention.logit_scale)),
+                          "at_init": str(rational(self.attention.at_init))},
         }
 
     def _repr_latex_(self) -> str:
@@ -119,12 +176,27 @@ def _layer_json(layer: LayerDerivation) -> dict:
         "multiplier": str(rational(layer.multiplier)),
         "lr": str(rational(layer.lr)),
         "kappa": str(rational(layer.kappa)),
+        "grad_norm": str(rational(layer.grad_norm)),
         "hyper": {name: str(rational(e)) for name, e in layer.hyper.items()},
         "if_fixed": {name: {"regime": r.text, "lr": str(rational(r.lr))} for name, r in layer.if_fixed.items()},
     }
     if layer.notes:
         out["notes"] = list(layer.notes)
     return out
+
+
+def _tied_json(tied: TiedDerivation) -> dict:
+    exponents = tied.exponents()
+    knobs = {k: str(exponents.pop(k)) for k in ("multiplier", "readout_multiplier", "init_std", "lr")}
+    return {"rule": tied.rule, **knobs, "grad_norm": str(rational(tied.grad_norm)),
+            "hyper": {name: str(e) for name, e in exponents.items()}, "conflicts": list(tied.conflicts)}
+
+
+def attention_scale(head_dim: Exp = ONE) -> AttentionDerivation:
+    """Logit scale exponents for q.k over ``head_dim ~ n^h``, q and k entries ~ 1: coherent ``-h``, at init ``-h/2``."""
+    entries = ZERO  # q and k are layer outputs under the spectral condition
+    trained, at_init = entries * 2 + head_dim, entries * 2 + head_dim * HALF
+    return AttentionDerivation(ZERO - trained, ZERO - at_init)
 
 
 def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
@@ -151,7 +223,32 @@ def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[F
         knobs = {f.knob: Exp(f.value) for f in fixes if f.role == role}
         m0 = CONVENTIONS[convention].get(role, Fraction(0))
         results[role] = _derive_layer(applied, role, m0, knobs, _flags(applied, options), role_fans)
-    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, _flags(rule, options)))
+    tied = derive_tied(results["input"], rule if "output" in rule.applies_to else fallback, options)
+    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, _flags(rule, options)), tied)
+
+
+def derive_tied(embedding: LayerDerivation, readout_rule: Rule | None, options: dict[str, bool] | None
+                ) -> TiedDerivation | None:
+    """The tied embedding/readout: the output role at the multiplier whose spectral init is the embedding's.
+
+    ``init_bound(o, i, r) = init_bound(o, i, 0) - r`` for the readout, so ``r = init_bound(0) - init_embedding``;
+    then lr, every hyperparameter and the gradient scale of the readout use at ``r`` must equal the embedding's.
+    """
+    if readout_rule is None:
+        return None
+    o, i = (Exp(f) for f in FANS["output"])
+    r = init_bound(o, i, ZERO, Signs()) - embedding.init_std
+    readout = _derive_layer(readout_rule, "output", Fraction(0), {"multiplier": r}, _flags(readout_rule, options),
+                            (o, i))
+    conflicts = []
+    if readout.rule != embedding.rule:
+        conflicts.append(f"the embedding uses rule {embedding.rule} and the readout {readout.rule}")
+    wanted = {"lr": (embedding.lr, readout.lr), "gradient norm": (embedding.grad_norm, readout.grad_norm)}
+    wanted |= {name: (e, readout.hyper.get(name)) for name, e in embedding.hyper.items()}
+    for what, (emb, out) in wanted.items():
+        if out is not None and emb != out:
+            conflicts.append(f"{what}: the embedding use needs n^{emb}, the readout use (multiplier n^{r}) n^{out}")
+    return TiedDerivation(embedding, readout, tuple(conflicts))
 
 
 def _flags(rule: Rule, options: dict[str, bool] | None) -> dict[str, bool]:

@@ -5,17 +5,27 @@ from __future__ import annotations
 from mupderive.calculus.evaluate import Comparison
 from mupderive.calculus.exponent import Signs
 from mupderive.calculus.value import Frame, describe
-from mupderive.derivation import Derivation, LayerDerivation
+from mupderive.derivation import AttentionDerivation, Derivation, LayerDerivation, TiedDerivation
 from mupderive.language.printer import show_expr
 from mupderive.solver import behaviour
 
 _METRIC = {"rms": "entries", "effect": "effect on the features", "spec": "spectral norms", "fro": "Frobenius norms"}
 
 
+SHARED = ("tied", "attention")  # explained beside the layer roles
+
+
 def explain(d: Derivation, roles: list[str] | None = None, markdown: bool = False) -> str:
-    """The derivation of each requested role (default: all)."""
-    roles = roles or list(d.layers)
-    sections = [_layer(d, d.layers[role], markdown) for role in roles]
+    """The derivation of each requested role (default: all, then the tied embedding/readout and attention)."""
+    roles = roles or [*d.layers, *SHARED]
+    sections = []
+    for role in roles:
+        if role == "tied":
+            sections.append(_tied(d.tied, markdown))
+        elif role == "attention":
+            sections.append(_attention(d.attention, markdown))
+        else:
+            sections.append(_layer(d, d.layers[role], markdown))
     head = f"Derivation of {d.rule.name} ({d.rule.title}), convention {d.convention}. Notation: a quantity " \
            f"'~ n^E' has size Theta(n^E) at width n; fan_out ~ n^o, fan_in ~ n^i."
     return "\n\n".join([head, *sections])
@@ -25,7 +35,7 @@ def _layer(d: Derivation, layer: LayerDerivation, markdown: bool) -> str:
     b = layer.balanced
     frame = Frame({"o": layer.fan_out, "i": layer.fan_in}, Signs())
     title = f"{layer.role} layer (o = {layer.fan_out}, i = {layer.fan_in}), rule {layer.rule}"
-    out = [f"## {title}" if markdown else f"== {title} =="]
+    out = [_title(title, markdown)]
     step = 0
 
     def say(text: str) -> None:
@@ -65,6 +75,47 @@ def _layer(d: Derivation, layer: LayerDerivation, markdown: bool) -> str:
     for note in layer.notes:
         say(f"Note: {note}.")
     return "\n".join(out)
+
+
+def _title(text: str, markdown: bool) -> str:
+    return f"## {text}" if markdown else f"== {text} =="
+
+
+def _tied(tied: TiedDerivation | None, markdown: bool) -> str:
+    out = [_title("tied embedding/readout (one tensor, two uses)", markdown)]
+    if tied is None:
+        return "\n".join([*out, "No rule of this derivation covers both the input and the output role."])
+    emb, out_use = tied.embedding, tied.readout
+    steps = [
+        f"The tensor is the embedding's table (fan_out ~ n^{emb.fan_out}, fan_in ~ n^{emb.fan_in}): looked up, its "
+        f"rows must have entries ~ 1, so it takes the input role's init_std ~ n^{emb.init_std} (multiplier "
+        f"n^{emb.multiplier}) and lr ~ n^{emb.lr}.",
+        f"Used transposed as the readout (fan_out ~ n^{out_use.fan_out}, fan_in ~ n^{out_use.fan_in}), the output "
+        f"role's spectral init at multiplier n^r is n^(bound - r); equal to the embedding's init iff r = "
+        f"{out_use.multiplier}: the readout use gets the forward multiplier n^{out_use.multiplier}.",
+        f"At that multiplier the output role asks for lr ~ n^{out_use.lr}"
+        + "".join(f", {name} ~ n^{e}" for name, e in out_use.hyper.items())
+        + f", and its gradient has |G|_F ~ n^{out_use.grad_norm} against the embedding's n^{emb.grad_norm}.",
+    ]
+    if tied.conflicts:
+        steps.append("No single tensor meets both uses: " + "; ".join(tied.conflicts) + ".")
+    else:
+        steps.append("Both uses ask for the same init, lr and hyperparameters and their gradients are of one order, "
+                     "so their sum is too: the tie is sound with the embedding's exponents and the readout "
+                     "multiplier above.")
+    return "\n".join([*out, *(f"{k}. {text}" for k, text in enumerate(steps, 1))])
+
+
+def _attention(a: AttentionDerivation, markdown: bool) -> str:
+    steps = [
+        "Logits s q.k contract q and k over head_dim ~ n^h (h = 1 when head_dim grows, 0 when only the number of "
+        "heads grows); q and k are outputs of layers under the spectral condition, with entries ~ 1.",
+        f"At init q and k are independent: q.k is an incoherent sum ~ head_dim^(1/2), so s ~ head_dim^{a.at_init} "
+        "keeps the logits ~ 1 there (the standard 1/sqrt(head_dim)).",
+        f"Training correlates q and k: q.k becomes a coherent sum ~ head_dim, so the logits stay ~ 1 iff s ~ "
+        f"head_dim^{a.logit_scale}; with the standard scale they grow as head_dim^{a.standard_drift}.",
+    ]
+    return "\n".join([_title("attention logits", markdown), *(f"{k}. {text}" for k, text in enumerate(steps, 1))])
 
 
 def _comparison(c: Comparison) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import sympy
 
-from mupderive.derivation import Derivation
+if TYPE_CHECKING:  # the derivation renders itself through this module: no import back at run time
+    from mupderive.derivation import Derivation
 
 KNOB_COLUMNS = ("multiplier", "init_std", "lr")
 
@@ -18,6 +21,29 @@ def _columns(d: Derivation) -> list[str]:
 
 def _cell(d: Derivation, role: str, column: str) -> sympy.Rational | None:
     return d.layers[role].exponents().get(column)
+
+
+def _tied_cells(d: Derivation, columns: list[str]) -> list[sympy.Rational | None] | None:
+    """The tied tensor's row (its multiplier cell is the readout use's), or None when no tie can be derived."""
+    if d.tied is None or d.tied.conflicts:
+        return None
+    exponents = d.tied.exponents()
+    return [exponents["readout_multiplier" if c == "multiplier" else c] if c in exponents else None
+            for c in columns]
+
+
+def _shared_lines(d: Derivation) -> list[str]:
+    """What the tables say under their rows: the tied row's meaning (or why there is none) and the attention scale."""
+    if d.tied is None:
+        tied = "tied embedding/readout: no rule of this derivation covers both uses"
+    elif d.tied.conflicts:
+        tied = "tied embedding/readout: no single tensor meets both uses: " + "; ".join(d.tied.conflicts)
+    else:
+        tied = (f"tied: one tensor as embedding (multiplier n^{d.tied.embedding.multiplier}) and readout "
+                f"(multiplier n^{d.tied.readout.multiplier}, the tied row's multiplier)")
+    a = d.attention
+    return [tied, f"attention logits: scale ~ head_dim^{a.logit_scale} (1/sqrt(head_dim) grows them as "
+                  f"head_dim^{a.standard_drift} once q and k align)"]
 
 
 def _header(d: Derivation) -> str:
@@ -37,9 +63,12 @@ def text_table(d: Derivation) -> str:
     rows = [["role", *columns]]
     for role in d.layers:
         rows.append([role + _rule_for(d, role), *(_fmt(_cell(d, role, c)) for c in columns)])
+    if (tied := _tied_cells(d, columns)) is not None:
+        rows.append(["tied", *map(_fmt, tied)])
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     lines = [_header(d), "width exponents E (each quantity scales as n^E; '-' = not used by that layer's rule):"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines += _shared_lines(d)
     if d.formulas:
         lines.append("general formulas (multiplier 1, where the rule applies):")
         lines += [f"  {q} ~ {f}" for q, f in d.formulas.items()]
@@ -63,6 +92,9 @@ def markdown_table(d: Derivation) -> str:
     for role in d.layers:
         cells = " | ".join(_fmt(_cell(d, role, c), math=True) for c in columns)
         lines.append(f"| {role}{_rule_for(d, role)} | {cells} |")
+    if (tied := _tied_cells(d, columns)) is not None:
+        lines.append("| tied | " + " | ".join(_fmt(c, math=True) for c in tied) + " |")
+    lines += ["", *(f"{line}." for line in _shared_lines(d))]
     if d.formulas:
         lines += ["", "General formulas: " + "; ".join(f"`{q}` ∝ `{f}`" for q, f in d.formulas.items())]
     return "\n".join(lines)
@@ -76,6 +108,8 @@ def latex_table(d: Derivation, display: bool = False) -> str:
     for role in d.layers:
         cells = [_latex(_cell(d, role, c)) for c in columns]
         body.append(" & ".join([f"\\text{{{role}}}", *cells]) + " \\\\")
+    if (tied := _tied_cells(d, columns)) is not None:
+        body.append(" & ".join(["\\text{tied}", *map(_latex, tied)]) + " \\\\")
     table = "\\begin{array}{l" + "c" * len(columns) + "}\n" + head + " \\\\\n\\hline\n" + "\n".join(body) + \
         "\n\\end{array}"
     if not display:
