@@ -280,8 +280,9 @@ def test_initialize_draws_the_derived_stds(adamw):
     r = width / base
     assert model.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(spectral(base, base) / r ** 0.5, rel=0.02)
     assert model.lm_head.weight.std().item() == pytest.approx(spectral(VOCAB, base) / r, rel=0.03)
-    # an Embedding's fan_in is num_embeddings; the input role's init exponent is 0
-    assert model.wte.weight.std().item() == pytest.approx(spectral(base, VOCAB), rel=0.03)
+    # an Embedding's input is one-hot (fan_in 1): std 1 whatever the vocabulary; the input role's exponent is 0
+    assert model.wte.weight.std().item() == pytest.approx(1.0, rel=0.03)
+    assert model.wpe.weight.std().item() == pytest.approx(1.0, rel=0.1)
     assert torch.all(model.blocks[0].attn.c_attn.bias == 0) and torch.all(model.ln_f.weight == 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p.initialize_(torch.Generator().manual_seed(0))
@@ -366,7 +367,8 @@ def test_describe_lists_every_parameter(adamw):
                                 "weight_decay"]
     row = next(line.split() for line in table if line.startswith("blocks.0.attn.c_attn.weight"))
     assert row[1:4] == ["192x64", "hidden", "4"] and row[-3:] == ["0.25", "0.25", "4"]
-    assert len(table) == 1 + len(list(gpt(64).parameters()))
+    assert len(table) == 1 + len(list(gpt(64).parameters())) + 1 + 1  # + init mode + one attention line
+    assert table[-2].startswith("init: derived") and table[-1].startswith("attention: blocks.0.attn.scale")
 
 
 def test_hybrid_optimizer_delegates_and_round_trips():
@@ -409,7 +411,9 @@ def test_hybrid_optimizer_delegates_and_round_trips():
 def test_delta_gives_roles_to_a_model_at_its_base_width():
     """A model equal to its base has no visibly scaling dimension; ``delta`` (another width) supplies them."""
     module = import_source(source("muon"))
-    plain = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4))
+    with pytest.raises(ValueError, match="pass delta="):
+        module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4))
+    plain = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4), delta=MLP(8, 32, 4))  # nothing scales, on purpose
     assert set(plain.roles.values()) == {"fixed"}
     p = module.MuP(MLP(8, 32, 4), base=MLP(8, 32, 4), delta=MLP(8, 64, 4))
     assert p.roles["hidden.0.weight"] == "hidden" and p.roles["input.weight"] == "input"

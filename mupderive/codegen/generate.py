@@ -21,9 +21,18 @@ from mupderive.codegen.emit import HELPERS
 from mupderive.codegen.header import convention_name, header, sha256
 from mupderive.codegen.lines import fit
 from mupderive.codegen.optimizers import argument_functions, compiled_class, optimizer_method
-from mupderive.codegen.parts import BACKENDS, Part, defaults, plan, validate
+from mupderive.codegen.parts import (
+    BACKENDS,
+    Part,
+    decay_hypers,
+    defaults,
+    module_roles,
+    plan,
+    role_exponents,
+    validate,
+)
 from mupderive.commands import _derivation, _options
-from mupderive.derivation import Derivation
+from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
 
 
@@ -58,6 +67,10 @@ def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[
         "fixes_literal": _fixes_literal(derivation),
         "exponents": _exponent_lines(derivation, parts),
         "rule_of_role": _rule_of_role(parts),
+        "grad_norm": _grad_norm_literal(derivation),
+        "logit_scale": f'"{rational(derivation.attention.logit_scale)}"',
+        "tied_conflicts": _tied_conflicts(derivation),
+        "decay": _decay_literal(parts),
         "helpers": [HELPERS[name] for name in sorted(helpers)] + argument_functions(parts),
         "optimizer_classes": classes,
         "hybrid": len(parts) > 1,
@@ -80,7 +93,7 @@ def _environment():
 
 # -- module-level code ---------------------------------------------------------------------------------------------
 def _imports(parts: list[Part]) -> list[str]:
-    stdlib = ["import fnmatch", "import math", "import warnings"]
+    stdlib = ["import fnmatch", "import math", "import re", "import warnings"]
     if len(parts) > 1:
         stdlib.append("from collections import ChainMap")
     abc = ["Callable", "Mapping", "Sequence"] + (["Iterable"] if any(p.backend == "ir" for p in parts) else [])
@@ -98,12 +111,36 @@ def _fixes_literal(derivation: Derivation) -> str:
 
 def _exponent_lines(derivation: Derivation, parts: list[Part]) -> list[str]:
     lines = []
-    for role, layer in derivation.layers.items():
+    for role in module_roles(derivation):
         lr_name = next(p.rule.lr.name for p in parts if role in p.roles)
-        row = {lr_name if name == "lr" else name: e for name, e in layer.exponents().items()}  # exact rationals
+        exponents = role_exponents(derivation, role)  # exact rationals
+        row = {lr_name if name == "lr" else name: e for name, e in exponents.items()}
         cells = [f'"{name}": "{exponent}"' for name, exponent in row.items()]  # names validated with the rule
         lines += fit(f'"{role}": {{{", ".join(cells)}}},')
     return lines
+
+
+def _grad_norm_literal(derivation: Derivation) -> str:
+    """{role: exponent of the role's gradient Frobenius norm}, the tied row's too."""
+    rows = {role: layer.grad_norm for role, layer in derivation.layers.items()}
+    if derivation.tied is not None:
+        rows["tied"] = derivation.tied.grad_norm
+    return "{" + ", ".join(f'"{role}": "{rational(e)}"' for role, e in rows.items()) + "}"
+
+
+def _tied_conflicts(derivation: Derivation) -> list[str]:
+    """Lines of the TIED_CONFLICTS tuple: what no single tied tensor can meet (the engine's text, made safe)."""
+    conflicts = derivation.tied.conflicts if derivation.tied is not None else ()
+    return [line for c in conflicts for line in fit(f"{safe.literal(safe.text(c))},")]
+
+
+def _decay_literal(parts: list[Part]) -> str:
+    """{rule: its weight-decay hyperparameters} (names validated with the rule)."""
+    rows = []
+    for part in parts:
+        names = [f'"{name}"' for name in decay_hypers(part.rule)]
+        rows.append(f'"{part.rule.name}": ({", ".join(names)}{"," if len(names) == 1 else ""})')
+    return "{" + ", ".join(rows) + "}"
 
 
 def _rule_of_role(parts: list[Part]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from mupderive.codegen import safe
 from mupderive.codegen.functions import compile_body
 from mupderive.codegen.lines import fit
-from mupderive.codegen.parts import Part
+from mupderive.codegen.parts import Part, decay_hypers
 from mupderive.errors import MupError
 from mupderive.language.printer import show_body
 from mupderive.language.rule import Hyper
@@ -59,6 +59,7 @@ def optimizer_method(env, parts: list[Part], defaults: dict[str, dict[str, objec
     params = [f"{name}: {_annotation(h)} = {safe.literal(defaults[part.prefix][h.name])}"
               for name, (part, h) in zip(names, ordered, strict=True)]
     params.insert(1, "*")
+    params.append("decay_vectors: bool = True")
     signature = _def("    def optimizer(self, " + ", ".join(params) + ", **options: Any) -> torch.optim.Optimizer:")
     contexts = [_part_context(part, index, parts[-1].prefix) for index, part in enumerate(parts)]
     summary = (f"{parts[0].class_name} with one parameter group per (role, width ratio)." if len(parts) == 1 else
@@ -88,11 +89,19 @@ def _optimizer_doc(parts: list[Part]) -> list[str]:
         for h in part.hypers:
             if h.doc:
                 lines += safe.wrap(f"{part.prefix}{h.name}: {h.doc}", 108, "        ")
+    lines += safe.wrap("decay_vectors=False puts every 1-D parameter (biases and norm gains, of role vector or fixed) "
+                       f"in groups whose {_decay_names(parts)} is 0; the default (True) decays them like "
+                       "everything else, as torch.optim and the mup package do.", 108, "        ")
     lines += safe.wrap("Every group also carries mup_role and mup_ratio. options: further constructor arguments "
                        "(for example foreach=True)" + (f"; those starting with {parts[1].prefix} go to the "
                                                        f"{parts[1].class_name}" if len(parts) > 1 else "") + ".",
                        108, "        ")
     return lines
+
+
+def _decay_names(parts: list[Part]) -> str:
+    names = [part.prefix + name for part in parts for name in decay_hypers(part.rule)]
+    return " and ".join(names) if names else "weight decay (the rule has none)"
 
 
 def _part_context(part: Part, index: int, other_prefix: str) -> dict[str, object]:

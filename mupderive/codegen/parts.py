@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from mupderive.codegen import safe
 from mupderive.derivation import Derivation
 from mupderive.errors import MupError
+from mupderive.language.ir import BinOp, Expr, Name, names
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Body, Hyper, Rule
 
@@ -81,19 +82,40 @@ def validate(rule: Rule) -> None:
 
 def plan(derivation: Derivation, backend: str) -> list[Part]:
     """The main rule for the roles it applies to (fixed parameters too when it applies to all); a hybrid's fallback
-    for the other roles and the fixed parameters."""
+    for the other roles and the fixed parameters. The tied embedding/readout goes to the part whose rule serves it
+    (the one serving both the input and the output role), before ``fixed``."""
     rule = derivation.rule
     main_roles = tuple(r for r in ROLES if r in rule.applies_to)
     if set(main_roles) == set(ROLES):
-        return [_part(derivation, rule, (*ROLES, "fixed"), "", backend)]
-    if rule.fallback is None:
-        raise MupError(f"rule {rule.name!r} applies to {', '.join(main_roles)} only and names no fallback")
-    fallback = load_rule(rule.fallback)
-    if safe.rule_name(fallback.name) == rule.name:
-        raise MupError(f"rule {rule.name!r} cannot be its own fallback")
-    other = (*(r for r in ROLES if r not in main_roles), "fixed")
-    return [_part(derivation, rule, main_roles, "", backend),
-            _part(derivation, fallback, other, f"{fallback.name}_", backend)]
+        pieces = [(rule, (*ROLES, "fixed"), "")]
+    else:
+        if rule.fallback is None:
+            raise MupError(f"rule {rule.name!r} applies to {', '.join(main_roles)} only and names no fallback")
+        fallback = load_rule(rule.fallback)
+        if safe.rule_name(fallback.name) == rule.name:
+            raise MupError(f"rule {rule.name!r} cannot be its own fallback")
+        other = (*(r for r in ROLES if r not in main_roles), "fixed")
+        pieces = [(rule, main_roles, ""), (fallback, other, f"{fallback.name}_")]
+    tied = derivation.tied.rule if derivation.tied is not None else None
+    return [_part(derivation, r, _with_tied(roles) if r.name == tied else roles, prefix, backend)
+            for r, roles, prefix in pieces]
+
+
+def module_roles(derivation: Derivation) -> tuple[str, ...]:
+    """The roles the generated module knows: the derivation's, and ``tied`` when it has a tied row."""
+    return (*derivation.layers, *(["tied"] if derivation.tied is not None else []))
+
+
+def role_exponents(derivation: Derivation, role: str) -> dict[str, object]:
+    """The exact exponents of one role of the module (``tied``: the tied row, readout multiplier included)."""
+    if role == "tied":
+        return dict(derivation.tied.exponents())
+    return dict(derivation.layers[role].exponents())
+
+
+def _with_tied(roles: tuple[str, ...]) -> tuple[str, ...]:
+    """``roles`` and ``tied``, before ``fixed``."""
+    return tuple(r for r in roles if r != "fixed") + ("tied",) + (("fixed",) if "fixed" in roles else ())
 
 
 def _part(derivation: Derivation, rule: Rule, roles: tuple[str, ...], prefix: str, backend: str) -> Part:
@@ -105,8 +127,8 @@ def _part(derivation: Derivation, rule: Rule, roles: tuple[str, ...], prefix: st
         reason = "no library implements it"
     else:
         for name in impl.class_level:
-            scaled = [role for role in roles if role in derivation.layers
-                      and str(derivation.layers[role].exponents().get(name, 0)) != "0"]
+            scaled = [role for role in roles if role in module_roles(derivation)
+                      and str(role_exponents(derivation, role).get(name, 0)) != "0"]
             if scaled:
                 reason = (f"{impl.cls} takes {name} per class, but {name} scales with width ("
                           f"{', '.join(scaled)}), so it must differ per parameter group")
@@ -137,3 +159,29 @@ def defaults(parts: list[Part], options: Mapping[str, bool]) -> dict[str, dict[s
 def bodies(rule: Rule) -> list[Body]:
     """The rule's update programs: matrix, and vector when it has one."""
     return [rule.matrix] + ([rule.vector] if rule.vector is not None else [])
+
+
+def decay_hypers(rule: Rule) -> tuple[str, ...]:
+    """The scale hyperparameters that decay the weight: read by a body's decoupled ``decay``, or multiplying ``W``
+    itself in a product (coupled L2 decay, ``G + wd * W``). These are zeroed for vectors with decay_vectors=False."""
+    scale = {h.name for h in rule.hypers if h.role == "scale"}
+    found: set[str] = set()
+    for body in bodies(rule):
+        exprs = [e for _, e in body.state] + [a.value for a in body.compute] + [body.direction]
+        if body.decay is not None:
+            found |= names(body.decay) & scale
+        for expr in exprs:
+            found |= _times_w(expr) & scale
+    return tuple(h.name for h in rule.hypers if h.name in found)
+
+
+def _times_w(expr: Expr) -> set[str]:
+    """Names directly multiplying ``W`` somewhere in ``expr`` (``h * W`` or ``W * h``)."""
+    out: set[str] = set()
+    if isinstance(expr, BinOp) and expr.op == "*":
+        for a, b in ((expr.left, expr.right), (expr.right, expr.left)):
+            if isinstance(b, Name) and b.id == "W" and isinstance(a, Name):
+                out.add(a.id)
+    for child in expr.children():
+        out |= _times_w(child)
+    return out

@@ -21,7 +21,7 @@ from mupderive.errors import MupError
 GENERATED_NAMES = frozenset({
     "torch", "math", "nn", "self", "params", "grads", "states", "param", "grad", "state", "group", "options",
     "foreach", "t", "fan_in", "fan_out", "mup_role", "mup_ratio", "multiplier", "init_std", "step", "base",
-    "groups", "optimizers", "defaults", "value",
+    "groups", "optimizers", "defaults", "value", "decay_vectors",
 })
 # Module-level names of the generated module; a generated optimizer class must not take one.
 MODULE_NAMES = frozenset({

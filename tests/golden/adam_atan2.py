@@ -10,8 +10,8 @@ Rule source sha256: cee221df44db54139a529145c735dbd321186826c7db249ca6e35a6d08db
 Convention: spectral (all multipliers 1; init and lr from the spectral condition, TP-V Table 3)
 Fixes: none
 Boolean options: rule defaults
-Optimizer for input, hidden, output, vector, fixed: AdamAtan2, generated below from rule adam_atan2 (no library
-implements it)
+Optimizer for input, hidden, output, vector, tied, fixed: AdamAtan2, generated below from rule adam_atan2 (no
+library implements it)
 Implementation note (adam_atan2): No library implements it (pytorch_optimizer lists the paper but has no class;
 Prodigy(eps=None) uses atan2 with an adaptive step, which is a different optimizer). mupderive generates the
 optimizer from this rule. Decoupled weight decay as in AdamW.
@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
@@ -81,13 +82,29 @@ EXPONENTS = {
     "hidden": {"multiplier": "0", "init_std": "-1/2", "lr": "-1", "weight_decay": "1"},
     "output": {"multiplier": "0", "init_std": "-1", "lr": "-1", "weight_decay": "1"},
     "vector": {"multiplier": "0", "init_std": "0", "lr": "0", "weight_decay": "0"},
+    "tied": {"multiplier": "0", "readout_multiplier": "-1", "init_std": "0", "lr": "0", "weight_decay": "0"},
 }
 RULE_OF_ROLE = {"input": "adam_atan2", "hidden": "adam_atan2", "output": "adam_atan2", "vector": "adam_atan2",
-    "fixed": "adam_atan2"}
+    "tied": "adam_atan2", "fixed": "adam_atan2"}
+# Width exponent of each role's gradient Frobenius norm (what a clipping threshold meets).
+GRAD_NORM = {"input": "-1/2", "hidden": "0", "output": "1/2", "vector": "-1/2", "tied": "-1/2"}
+# Attention logit scale: its exponent in the head_dim ratio head_dim / head_dim_base.
+LOGIT_SCALE = "-1"
+# What no single tied embedding/readout tensor can meet under this rule (empty: a tie is sound).
+TIED_CONFLICTS = ()
+# The weight-decay hyperparameters of each rule (zeroed on 1-D parameters by optimizer(decay_vectors=False)).
+DECAY = {"adam_atan2": ("weight_decay",)}
 
 _E = {role: {name: float(Fraction(e)) for name, e in row.items()} for role, row in EXPONENTS.items()}
-_MATRIX_ROLES = ("input", "hidden", "output")
+_LOGIT = float(Fraction(LOGIT_SCALE))
+_GRAD = {role: float(Fraction(e)) for role, e in GRAD_NORM.items()}
+_MATRIX_ROLES = ("input", "hidden", "output", *(["tied"] if "tied" in EXPONENTS else []))
 _ROLES = (*_MATRIX_ROLES, "vector", "fixed")
+_LAYOUTS = ("out_in", "in_out", "embedding")
+_INIT_MODES = ("derived", "keep")
+_SCALE_ATTRIBUTES = ("scaling", "scale")
+_HEAD_COUNTS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
+_QUERY_TOKENS = ("q", "query", "wq")
 _NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
@@ -221,114 +238,248 @@ class MuP:
 
     Construction classifies every parameter by comparing its shape with the base (a dimension scales iff its size
     differs; with ``delta``, a third instance at yet another width, iff it differs between base and delta, as in
-    the ``mup`` package, so a model equal to its base still gets its roles) and installs the forward multipliers
-    that differ from 1. Nothing is stored on tensors: a multiplier
-    is a forward pre-hook scaling the input of an ``nn.Linear``/convolution (so its bias is untouched) or a forward
-    hook scaling an ``nn.Embedding``'s output, each closing over one Python float. ``state_dict`` keys are
-    unchanged, DDP/FSDP see ordinary modules, and ``torch.compile`` traces the hooks.
+    the ``mup`` package), installs the forward multipliers that differ from 1 and sets the attention logit scales.
+    Nothing is stored on tensors: a multiplier is a forward pre-hook scaling the input of a linear map or
+    convolution (so its bias is untouched) or a forward hook scaling an ``nn.Embedding``'s output, each closing
+    over one Python float. ``state_dict`` keys are unchanged, DDP/FSDP see ordinary modules, and ``torch.compile``
+    traces the hooks. A model that is its own base without ``delta`` is refused (no dimension would scale).
 
-    Roles: a weight (out, in, ...) whose both fans scale is ``hidden``, only fan_out ``input``, only fan_in
-    ``output``; an Embedding weight (num, dim) is ``input`` when dim scales; a scaling 1-D parameter is ``vector``;
-    nothing scaling is ``fixed`` (base hyperparameters, untouched by ``initialize_``). ``readout`` (a pattern of
-    module or parameter names) gives matching weights the ``output`` role; ``roles`` ({pattern: role}, fnmatch on
-    parameter names, first match wins) overrides everything. A parameter's width ratio is the ratio of its scaling
-    dimensions to the base's (their geometric mean, with a warning, if they disagree; 1.0 when fixed).
+    Layouts (which axis is fan_out, which fan_in), per module holding a matrix: ``nn.Embedding`` (num, dim), fan_out
+    dim; ``nn.Linear`` and convolutions (out, in/groups, *kernel), fan_in the product of the axes after the first;
+    transposed convolutions (in, out/groups, *kernel); any other module holding a 2-D matrix (transformers'
+    ``Conv1D``, stored (in, out)) is probed once: ``module.forward(x) - module.forward(0)`` is compared with
+    ``x W^T`` and ``x W`` on a random ``x`` (``out_in`` or ``in_out``); when neither matches (or the module has
+    children) ``out_in`` is assumed with a warning. ``layouts`` ({pattern: "out_in" | "in_out" | "embedding"},
+    fnmatch on module or parameter names) overrides all of this.
 
-    Attributes: ``roles`` and ``ratios`` ({parameter name: role / width ratio}), ``multipliers`` ({name: forward
-    multiplier}).
+    Roles: a weight whose both fans scale is ``hidden``, only fan_out ``input``, only fan_in ``output``; a scaling
+    1-D parameter is ``vector``; nothing scaling is ``fixed`` (base hyperparameters, untouched by ``initialize_``).
+    One Parameter held by an Embedding and by a linear map (a tied embedding/readout, found by tensor identity
+    whatever the names) is ``tied``: init, lr and hyperparameters from the tied row of EXPONENTS, the embedding's
+    multiplier on the Embedding and ``readout_multiplier`` on the readout (a pre-hook); a rule under which no single
+    tensor meets both uses (TIED_CONFLICTS) makes construction fail. ``readout`` (a pattern of module or parameter
+    names) gives matching weights the ``output`` role (a tied weight it names stays tied); ``roles`` ({pattern:
+    role}, fnmatch on parameter names, first match wins) overrides everything. A parameter's width ratio is the
+    ratio of its scaling dimensions to the base's (their geometric mean, with a warning, if they disagree).
+
+    ``init``: "derived" (``initialize_`` draws the derived stds) or "keep" (the model's current values are taken as
+    the base init and multiplied by ratio**E_init, as ``mup.set_base_shapes`` rescales). ``zero_query``: also zero
+    the query projections (see ``initialize_``).
+
+    Attention: in every attention module (a module with an integer ``head_dim`` attribute, or the innermost ones
+    whose class name contains "Attention") the float ``scaling`` or ``scale`` attribute (transformers' attention
+    classes pass ``self.scaling`` to eager, SDPA and flash attention) becomes the base module's value times
+    (head_dim / head_dim_base)**LOGIT_SCALE. With a shapes dict as base there is no base value: a scale already
+    equal to head_dim**LOGIT_SCALE (1/head_dim) is left as it is, any other is left with a warning. ``attention``
+    ({pattern: attribute name, or a callable ``fn(module, base_module_or_None, LOGIT_SCALE)`` that rescales the
+    module itself}) covers other modules; attention that is left unscaled is named in a warning.
+
+    Attributes: ``roles``, ``ratios``, ``layouts`` and ``multipliers`` ({parameter name: value}), ``ties``
+    ({name: (embedding modules, readout modules)}), ``attention`` ({module name: (attribute, before, after)}).
     """
 
     def __init__(self, model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]], *,
                  delta: nn.Module | Mapping[str, Sequence[int]] | None = None, readout: str | None = None,
-                 roles: Mapping[str, str] | None = None) -> None:
-        self.model = model
+                 roles: Mapping[str, str] | None = None, layouts: Mapping[str, str] | None = None,
+                 init: str = "derived", zero_query: bool = False,
+                 attention: Mapping[str, str | Callable[..., None]] | None = None) -> None:
+        if init not in _INIT_MODES:
+            raise ValueError(f"init={init!r}: expected one of {', '.join(_INIT_MODES)}")
+        self.model, self.init, self._rescaled = model, init, False
         base_shapes = _shapes(base)
-        owners = _owners(model)
         params = dict(model.named_parameters())
         probe = _shapes(delta) if delta is not None else {name: tuple(p.shape) for name, p in params.items()}
         if missing := sorted(set(params) - set(base_shapes) | set(params) - set(probe)):
             raise ValueError(f"parameters missing from the base or delta: {', '.join(missing)}")
-        fans = {name: _fan_axes(owners[name], param.ndim) for name, param in params.items()}
+        if delta is None and all(probe[name] == base_shapes[name] for name in params):
+            raise ValueError(_SAME_WIDTH)
+        self._uses = _uses(model, layouts or {})
+        self.layouts = {name: _layout(uses) for name, uses in self._uses.items()}
         scaling = {name: _scaling(probe[name], base_shapes[name], name) for name in params}
-        self.roles = {name: _role(scaling[name], *fans[name]) for name in params}
-        _override(self.roles, params, owners, readout, roles or {})
+        self.roles = {name: _role(scaling[name], self.layouts[name]) for name in params}
+        self.ties = _ties(self._uses)
+        _tie(self.roles, self.ties)
+        self._readout_tied = _override(self.roles, params, self._uses, readout, roles or {})
         self.ratios = {name: 1.0 if self.roles[name] == "fixed" else
                        _ratio(tuple(param.shape), base_shapes[name], scaling[name], name)
                        for name, param in params.items()}
         self.multipliers = {name: self._factor(name, "multiplier") for name in params}
-        self._init = {name: _init_plan(name, owners[name], param, self.roles[name], tuple(base_shapes[name]),
-                                       fans[name], self._factor(name, "init_std"))
-                      for name, param in params.items()}
-        self._handles = [_install(name, owners[name], m) for name, m in self.multipliers.items() if m != 1.0]
+        self._init = {name: self._init_plan(name, param, tuple(base_shapes[name])) for name, param in params.items()}
+        self._queries = _queries(model, self._uses) if zero_query else []
+        self._handles = [_install(path, module, layout, self._multiplier(name, layout))
+                         for name, uses in self._uses.items() for path, module, layout in uses
+                         if self._multiplier(name, layout) != 1.0]
+        self._scales = _attention(model, base if isinstance(base, nn.Module) else None, attention or {})
+        self.attention = {name: (attribute, before, after) for name, (_, attribute, before, after)
+                          in self._scales.items()}
+        for module, attribute, _, after in self._scales.values():
+            if attribute is not None:
+                setattr(module, attribute, after)
 
     def _factor(self, name: str, quantity: str) -> float:
         """ratio**E for one parameter's quantity (1.0 for fixed parameters and quantities its role lacks)."""
         exponent = _E.get(self.roles[name], {}).get(quantity)
         return 1.0 if exponent is None else self.ratios[name] ** exponent
 
+    def _multiplier(self, name: str, layout: str) -> float:
+        """The forward multiplier of one use of a parameter: a tied tensor's readout use gets readout_multiplier."""
+        if self.roles[name] == "tied" and layout != "embedding":
+            return self._factor(name, "readout_multiplier")
+        return self.multipliers[name]
+
+    def _init_plan(self, name: str, param: torch.Tensor, base: tuple[int, ...]) -> tuple[str, float]:
+        """What ``initialize_`` does to one parameter: ("normal", std), ("constant", value), ("scale", factor) or
+        ("kept", 0)."""
+        path, module, _ = self._uses[name][0]
+        role, layout, factor = self.roles[name], self.layouts[name], self._factor(name, "init_std")
+        if self.init == "keep":
+            return ("kept", 0.0) if role == "fixed" else ("scale", factor)
+        if path.rpartition(".")[2] == "bias":
+            return "constant", 0.0
+        if role in _MATRIX_ROLES and param.ndim >= 2:
+            return "normal", _base_std(base, layout) * factor
+        if role == "vector" and isinstance(module, _NORMS):
+            return "constant", factor
+        return "kept", 0.0
+
     @torch.no_grad()
     def initialize_(self, generator: torch.Generator | None = None) -> None:
-        """Re-initialize the parameters in place, in ``named_parameters`` order.
+        """Initialize the parameters in place, in ``named_parameters`` order.
 
-        - a weight of role input, hidden or output ~ N(0, std), std = sigma_base * ratio**E_init, where sigma_base
-          is the spectral-condition std at its base shape: fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)) (fan_in is
-          the product of the dimensions after the first; an Embedding's fan_in is num_embeddings, its fan_out dim);
+        init="derived":
+
+        - a weight of a matrix role ~ N(0, std), std = sigma_base * ratio**E_init, where sigma_base is the
+          spectral-condition std at its base shape, fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); an Embedding's
+          input is one-hot (fan_in 1), so its sigma_base is 1 whatever the vocabulary (a tied tensor's too);
         - every parameter named ``bias``, whatever its role: 0;
         - the 1-D weight of a normalization layer (LayerNorm, RMSNorm, GroupNorm, BatchNorm) of role vector:
           ratio**E_init (1 in the spectral and mup-package conventions);
         - everything else (fixed weights, other vectors) is left as it is.
 
+        init="keep": every parameter that is not fixed is multiplied by ratio**E_init of its role (its current
+        value is the base init); not idempotent, so a second call raises.
+
+        zero_query=True: then the query projection of every attention module is zeroed (weight rows and bias):
+        a child whose name has a token q, query or wq (q_proj, query, to_q, q_attn) entirely; else, in a fused
+        projection (a child with more outputs than the query width: heads x head_dim from num_heads / n_head /
+        n_heads / num_attention_heads, else its fan_in), the first query-width outputs.
+
         ``generator`` (on the parameters' device) makes the draw reproducible.
         """
+        if self._rescaled:
+            raise RuntimeError("init='keep' has already rescaled the weights; a second initialize_() would "
+                               "rescale them again")
         for name, param in self.model.named_parameters():
             kind, value = self._init[name]
             if kind == "normal":
                 param.normal_(0.0, value, generator=generator)
             elif kind == "constant":
                 param.fill_(value)
+            elif kind == "scale":
+                param.mul_(value)
+        for param, axis, size in self._queries:
+            param.narrow(axis, 0, size).zero_()
+        self._rescaled = self.init == "keep"
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, per_layer: bool = False) -> torch.Tensor:
+        """Clip gradients at thresholds that scale with width; returns the total norm (before clipping), as
+        ``torch.nn.utils.clip_grad_norm_`` does.
+
+        A parameter's gradient Frobenius norm scales as ratio**GRAD_NORM[role]. Global (default): one threshold
+        max_norm * max over trainable parameters of ratio**GRAD_NORM[role] (the largest share decides the total
+        norm's scale). per_layer=True: each parameter's gradient is clipped at max_norm * its own factor.
+        """
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return torch.tensor(0.0)
+        factors = [self._grad_factor(name) for name, _ in named]
+        if not per_layer:
+            return torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm * max(factors))
+        total = torch.nn.utils.get_total_norm([p.grad for _, p in named])
+        for (_, p), factor in zip(named, factors, strict=True):
+            torch.nn.utils.clip_grad_norm_([p], max_norm * factor)
+        return total
+
+    def _grad_factor(self, name: str) -> float:
+        """ratio**E_grad: how one parameter's gradient norm scales (1.0 for fixed parameters)."""
+        exponent = _GRAD.get(self.roles[name])
+        return 1.0 if exponent is None else self.ratios[name] ** exponent
 
     def remove(self) -> None:
-        """Remove the forward multipliers (the model then computes its plain forward pass)."""
+        """Remove the forward multipliers and restore the attention scales (the model then computes its plain
+        forward pass; an ``attention`` callable's changes stay)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, attribute, before, _ in self._scales.values():
+            if attribute is not None:
+                setattr(module, attribute, before)
 
     def describe(self) -> str:
-        """A table: parameter, shape, role, width ratio, multiplier, init, and the factor r**E of lr and each
-        scale-carrying hyperparameter."""
-        hypers = list(dict.fromkeys(k for row in _E.values() for k in row if k not in ("multiplier", "init_std")))
+        """A table (parameter, shape, role, width ratio, multiplier, init, and the factor r**E of lr and each
+        scale-carrying hyperparameter), then the init mode, the ties and the attention scales."""
+        skip = ("multiplier", "readout_multiplier", "init_std")
+        hypers = list(dict.fromkeys(k for row in _E.values() for k in row if k not in skip))
         hybrid = len(set(RULE_OF_ROLE.values())) > 1
         head = ["parameter", "shape", "role", *(["rule"] if hybrid else []), "ratio", "multiplier", "init", *hypers]
         rows = [head]
         for name, param in self.model.named_parameters():
             role = self.roles[name]
             kind, value = self._init[name]
-            init = {"normal": f"N(0, {value:.4g})", "constant": f"{value:.4g}"}.get(kind, "kept")
+            init = {"normal": f"N(0, {value:.4g})", "constant": f"{value:.4g}", "scale": f"x{value:.4g}"}.get(
+                kind, "kept")
             factors = [_cell(self._factor(name, h) if role == "fixed" or h in _E[role] else None) for h in hypers]
             rule = [RULE_OF_ROLE.get(role, RULE_OF_ROLE["fixed"])] if hybrid else []
+            multiplier = f"{self.multipliers[name]:.4g}"
+            if role == "tied":
+                multiplier += f"|{self._factor(name, 'readout_multiplier'):.4g}"
             rows.append([name, "x".join(map(str, param.shape)) or "scalar", role, *rule, f"{self.ratios[name]:g}",
-                         f"{self.multipliers[name]:.4g}", init, *factors])
+                         multiplier, init, *factors])
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                         for row in rows)
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        return "\n".join(lines + self._notes())
 
-    def _groups(self, roles: tuple[str, ...]) -> dict[tuple[str, float], list[torch.Tensor]]:
-        """Trainable parameters of the given roles, grouped by (role, width ratio) in order of first appearance."""
-        groups: dict[tuple[str, float], list[torch.Tensor]] = {}
+    def _notes(self) -> list[str]:
+        """describe()'s lines under the table."""
+        modes = {"derived": "initialize_ draws the derived stds", "keep": "initialize_ multiplies the model's own init "
+                 "by ratio**E_init"}
+        lines = [f"init: {self.init} ({modes[self.init]})" + (", query projections zeroed" if self._queries else "")]
+        for name, (embeddings, readouts) in self.ties.items():
+            named = " (readout= names it; it stays tied)" if name in self._readout_tied else ""
+            lines.append(f"tied: {name} is shared by embedding {', '.join(embeddings)} and readout "
+                         f"{', '.join(readouts)}; role {self.roles[name]}{named}")
+        for name, (attribute, before, after) in self.attention.items():
+            lines.append(f"attention: {name}.{attribute} {before:.4g} -> {after:.4g}" if attribute is not None else
+                         f"attention: {name} rescaled by the attention callable")
+        return lines
+
+    def _groups(self, roles: tuple[str, ...], decay_vectors: bool
+                ) -> dict[tuple[str, float, bool], list[torch.Tensor]]:
+        """Trainable parameters of the given roles, grouped by (role, width ratio, decayed) in order of first
+        appearance; 1-D parameters are not decayed when decay_vectors is False."""
+        groups: dict[tuple[str, float, bool], list[torch.Tensor]] = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad and self.roles[name] in roles:
-                groups.setdefault((self.roles[name], self.ratios[name]), []).append(param)
+                key = (self.roles[name], self.ratios[name], decay_vectors or param.ndim >= 2)
+                groups.setdefault(key, []).append(param)
         return groups
 
     def _param_groups(self, roles: tuple[str, ...], base: dict[str, Any],
-                      arguments: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
-        """One param group per (role, ratio): the base values scaled by ratio**E, as constructor arguments."""
-        return [{"params": params, **arguments(_scaled(base, role, ratio)), "mup_role": role, "mup_ratio": ratio}
-                for (role, ratio), params in self._groups(roles).items()]
+                      arguments: Callable[[dict[str, Any]], dict[str, Any]],
+                      decay_vectors: bool = True) -> list[dict[str, Any]]:
+        """One param group per (role, ratio, decayed): the base values scaled by ratio**E (the rule's weight decay
+        0 in groups that are not decayed), as constructor arguments."""
+        out = []
+        for (role, ratio, decayed), params in self._groups(roles, decay_vectors).items():
+            values = base if decayed else {k: 0.0 if k in DECAY[RULE_OF_ROLE[role]] else v for k, v in base.items()}
+            out.append({"params": params, **arguments(_scaled(values, role, ratio)), "mup_role": role,
+                        "mup_ratio": ratio})
+        return out
 
     def optimizer(self, lr: float = 0.001, *, beta1: float = 0.9, beta2: float = 0.999,
                   a: float = 1.2732395447351628, b: float = 1.0, weight_decay: float = 0.0,
-                  **options: Any) -> torch.optim.Optimizer:
+                  decay_vectors: bool = True, **options: Any) -> torch.optim.Optimizer:
         """AdamAtan2 with one parameter group per (role, width ratio).
 
         Each group's lr and weight_decay are the given base values times ratio**E (EXPONENTS of the group's
@@ -339,18 +490,31 @@ class MuP:
         a: output scale (4/pi, so small ratios pass through unchanged)
         b: scale of sqrt(v_hat) inside atan2
         weight_decay: decoupled decay, multiplied by lr
+        decay_vectors=False puts every 1-D parameter (biases and norm gains, of role vector or fixed) in
+        groups whose weight_decay is 0; the default (True) decays them like everything else, as torch.optim
+        and the mup package do.
         Every group also carries mup_role and mup_ratio. options: further constructor arguments (for example
         foreach=True).
         """
         base = {"lr": lr, "beta1": beta1, "beta2": beta2, "a": a, "b": b, "weight_decay": weight_decay}
-        groups = self._param_groups(("input", "hidden", "output", "vector", "fixed"), base, dict)
+        groups = self._param_groups(("input", "hidden", "output", "vector", "tied", "fixed"), base, dict, decay_vectors)
         return AdamAtan2(groups, **base, **options)
+
+
+_SAME_WIDTH = ("every parameter of the model has its base shape, so no dimension scales and every parameter would be "
+               "fixed: pass delta= (a third instance at another width, as in the mup package) to say which "
+               "dimensions scale, or a smaller base (delta=base keeps every parameter fixed on purpose)")
 
 
 def _scaled(values: dict[str, Any], role: str, ratio: float) -> dict[str, Any]:
     """values with the lr and every scale-carrying hyperparameter of ``role`` multiplied by ratio**E."""
     exponents = _E.get(role, {})
     return {k: v * ratio ** exponents[k] if k in exponents else v for k, v in values.items()}
+
+
+def _entry(key: str, value: str) -> str:
+    """A one-item dict as a user would write it, for messages."""
+    return "{" + repr(key) + ": " + value + "}"
 
 
 def _cell(value: float | None) -> str:
@@ -364,17 +528,88 @@ def _shapes(base: nn.Module | Mapping[str, Sequence[int]]) -> dict[str, tuple[in
     return {name: tuple(shape) for name, shape in base.items()}
 
 
-def _owners(model: nn.Module) -> dict[str, nn.Module]:
-    """{parameter name: the module that holds it}."""
-    return {f"{prefix}.{name}" if prefix else name: module
-            for prefix, module in model.named_modules() for name, _ in module.named_parameters(recurse=False)}
+def _uses(model: nn.Module, layouts: Mapping[str, str]) -> dict[str, list[tuple[str, nn.Module, str]]]:
+    """{parameter name: [(its path through a module, the module, that use's layout)]}: every module holding the
+    parameter, each module object once (a tensor shared by two modules, such as a tied embedding, has two)."""
+    for pattern, layout in layouts.items():
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layouts[{pattern!r}] = {layout!r}: expected one of {', '.join(_LAYOUTS)}")
+    names = {id(param): name for name, param in model.named_parameters()}
+    uses: dict[str, list[tuple[str, nn.Module, str]]] = {name: [] for name in names.values()}
+    seen, matched = set(), set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            if (id(module), id(param)) in seen:
+                continue
+            seen.add((id(module), id(param)))
+            path = f"{prefix}.{local}" if prefix else local
+            pattern = next((p for p in layouts if fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(prefix, p)),
+                           None)
+            matched.add(pattern)
+            layout = layouts[pattern] if pattern is not None and param.ndim >= 2 else _use_layout(path, module, param)
+            uses[names[id(param)]].append((path, module, layout))
+    if unmatched := [p for p in layouts if p not in matched]:
+        raise ValueError(f"layouts pattern {unmatched[0]!r} matches no module or parameter")
+    return uses
 
 
-def _fan_axes(module: nn.Module, ndim: int) -> tuple[int, tuple[int, ...]]:
-    """(fan_out axis, fan_in axes): an Embedding weight is (num_embeddings, dim), any other weight (out, in, ...)."""
-    if isinstance(module, nn.Embedding | nn.EmbeddingBag) and ndim == 2:
-        return 1, (0,)
+def _use_layout(path: str, module: nn.Module, param: torch.Tensor) -> str:
+    """How ``module`` stores ``param``: "vector" (fewer than 2 dimensions), "embedding", "out_in" or "in_out"."""
+    if param.ndim < 2:
+        return "vector"
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return "embedding"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "in_out"
+    if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+        return "out_in"
+    return _probe(path, module, param)
+
+
+@torch.no_grad()
+def _probe(path: str, module: nn.Module, param: torch.Tensor) -> str:
+    """The layout of a 2-D matrix held by a leaf module of another type, from one forward pass each way:
+    forward(x) - forward(0) equals x W^T (out_in) or x W (in_out, e.g. transformers' Conv1D)."""
+    if param.ndim == 2 and not param.is_meta and not any(module.children()):
+        generator = torch.Generator().manual_seed(0)
+        for layout, size in (("out_in", param.shape[1]), ("in_out", param.shape[0])):
+            x = torch.randn(2, size, generator=generator).to(param)
+            try:
+                y = module.forward(x) - module.forward(torch.zeros_like(x))
+            except Exception:  # a module that does not take one tensor of that size: not this layout
+                continue
+            want = x @ (param.T if layout == "out_in" else param)
+            if isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(
+                    y, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+                return layout
+    hint = _entry(path, "'in_out' or 'embedding'")
+    warnings.warn(f"{path}: cannot tell how a {type(module).__name__} stores its {tuple(param.shape)} matrix; "
+                  f"assuming (out, in, ...). Pass layouts={hint} if it is not",
+                  stacklevel=5)
+    return "out_in"
+
+
+def _layout(uses: list[tuple[str, nn.Module, str]]) -> str:
+    """A parameter's layout: its Embedding use's if it has one (a tied tensor), else its first use's."""
+    layouts = [layout for _, _, layout in uses]
+    return "embedding" if "embedding" in layouts else layouts[0]
+
+
+def _axes(layout: str, ndim: int) -> tuple[int, tuple[int, ...]]:
+    """(fan_out axis, fan_in axes) of a weight stored in ``layout``."""
+    if layout in ("embedding", "in_out"):
+        return 1, (0, *range(2, ndim))
     return 0, tuple(range(1, ndim))
+
+
+def _base_std(base: tuple[int, ...], layout: str) -> float:
+    """The spectral-condition std at the base shape: fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); 1 for an
+    Embedding (its one-hot input has fan_in 1)."""
+    if layout == "embedding":
+        return 1.0
+    out_axis, in_axes = _axes(layout, len(base))
+    fan_out, fan_in = base[out_axis], math.prod(base[axis] for axis in in_axes)
+    return fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
 
 
 def _scaling(shape: tuple[int, ...], base: tuple[int, ...], name: str) -> tuple[bool, ...]:
@@ -384,33 +619,66 @@ def _scaling(shape: tuple[int, ...], base: tuple[int, ...], name: str) -> tuple[
     return tuple(n != b for n, b in zip(shape, base, strict=True))
 
 
-def _role(scales: tuple[bool, ...], out_axis: int, in_axes: tuple[int, ...]) -> str:
+def _role(scales: tuple[bool, ...], layout: str) -> str:
     """The role of a parameter from which of its dimensions scale."""
     if not any(scales):
         return "fixed"
     if len(scales) == 1:
         return "vector"
+    out_axis, in_axes = _axes(layout, len(scales))
     fan_out, fan_in = scales[out_axis], any(scales[axis] for axis in in_axes)
     return "hidden" if fan_out and fan_in else "input" if fan_out else "output"
 
 
-def _override(roles: dict[str, str], params: dict[str, torch.Tensor], owners: dict[str, nn.Module],
-              readout: str | None, patterns: Mapping[str, str]) -> None:
-    """Apply ``readout`` (weights of matching modules or parameters become output) and then ``patterns``."""
+def _ties(uses: dict[str, list[tuple[str, nn.Module, str]]]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """{parameter: (embedding modules, readout modules)} for every tensor held by an Embedding and by a linear map."""
+    ties = {}
+    for name, held in uses.items():
+        embeddings = tuple(path.rpartition(".")[0] for path, _, layout in held if layout == "embedding")
+        readouts = tuple(path.rpartition(".")[0] for path, _, layout in held if layout in ("out_in", "in_out"))
+        if embeddings and readouts:
+            ties[name] = (embeddings, readouts)
+    return ties
+
+
+def _tie(roles: dict[str, str], ties: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+    """Give each tied tensor whose width dimension scales the tied role (refused under TIED_CONFLICTS)."""
+    for name, (embeddings, readouts) in ties.items():
+        if roles[name] != "input":
+            continue
+        if "tied" not in _E or TIED_CONFLICTS:
+            why = "; ".join(TIED_CONFLICTS) or "the derivation has no tied row"
+            hint = _entry(name, "'input' or 'output'")
+            raise ValueError(f"{name} is tied (embedding {', '.join(embeddings)}, readout {', '.join(readouts)}), "
+                             f"but rule {RULE} cannot serve one tensor in both uses: {why}. Untie the readout "
+                             f"(give it its own weight) or pass roles={hint}")
+        roles[name] = "tied"
+
+
+def _override(roles: dict[str, str], params: dict[str, torch.Tensor], uses: dict[str, list[tuple[str, nn.Module, str]]],
+              readout: str | None, patterns: Mapping[str, str]) -> set[str]:
+    """Apply ``readout`` (weights of matching modules or parameters become output; a tied one stays tied) and then
+    ``patterns``; the tied parameters ``readout`` names."""
+    paths = {name: [name, *(path for path, _, _ in held)] for name, held in uses.items()}
+    tied = set()
     if readout is not None:
-        matched = [name for name, param in params.items() if param.ndim >= 2 and (
-            fnmatch.fnmatchcase(name, readout) or fnmatch.fnmatchcase(name.rpartition(".")[0], readout))]
+        matched = [name for name in params if params[name].ndim >= 2 and any(
+            fnmatch.fnmatchcase(path, readout) or fnmatch.fnmatchcase(path.rpartition(".")[0], readout)
+            for path in paths[name])]
         if not matched:
             raise ValueError(f"readout={readout!r} matches no weight")
-        roles.update(dict.fromkeys(matched, "output"))
+        tied = {name for name in matched if roles[name] == "tied"}
+        roles.update(dict.fromkeys((name for name in matched if name not in tied), "output"))
     for pattern, role in patterns.items():
         if role not in _ROLES:
             raise ValueError(f"roles[{pattern!r}] = {role!r}: expected one of {', '.join(_ROLES)}")
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in params):
+        if not any(fnmatch.fnmatchcase(path, pattern) for held in paths.values() for path in held):
             raise ValueError(f"roles pattern {pattern!r} matches no parameter")
     for name in params:
-        role = next((r for p, r in patterns.items() if fnmatch.fnmatchcase(name, p)), None)
+        role = next((r for p, r in patterns.items() if any(fnmatch.fnmatchcase(path, p) for path in paths[name])),
+                    None)
         roles[name] = role or roles[name]
+    return tied
 
 
 def _ratio(shape: tuple[int, ...], base: tuple[int, ...], scales: tuple[bool, ...], name: str) -> float:
@@ -424,30 +692,14 @@ def _ratio(shape: tuple[int, ...], base: tuple[int, ...], scales: tuple[bool, ..
     return math.prod(ratios) ** (1 / len(ratios))
 
 
-def _init_plan(name: str, module: nn.Module, param: torch.Tensor, role: str, base: tuple[int, ...],
-               axes: tuple[int, tuple[int, ...]], factor: float) -> tuple[str, float]:
-    """What ``initialize_`` does to one parameter: ("normal", std), ("constant", value) or ("kept", 0)."""
-    if name.rpartition(".")[2] == "bias":
-        return "constant", 0.0
-    if role in _MATRIX_ROLES and param.ndim >= 2:
-        out_axis, in_axes = axes
-        fan_out, fan_in = base[out_axis], math.prod(base[axis] for axis in in_axes)
-        return "normal", fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)) * factor
-    if role == "vector" and isinstance(module, _NORMS):
-        return "constant", factor
-    return "kept", 0.0
-
-
-def _install(name: str, module: nn.Module, multiplier: float) -> torch.utils.hooks.RemovableHandle:
-    """The hook applying a forward multiplier to the weight ``name`` of ``module``."""
-    if name.rpartition(".")[2] != "weight":
-        raise ValueError(f"{name}: a forward multiplier applies to a module's weight, not to {name!r}")
-    if isinstance(module, nn.Embedding):
+def _install(path: str, module: nn.Module, layout: str, multiplier: float) -> torch.utils.hooks.RemovableHandle:
+    """The hook applying a forward multiplier to the parameter at ``path`` as ``module`` uses it."""
+    if layout == "embedding":
         return module.register_forward_hook(_scale_output(multiplier))
-    if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+    if layout in ("out_in", "in_out"):
         return module.register_forward_pre_hook(_scale_input(multiplier))
-    raise ValueError(f"{name}: no forward multiplier for a {type(module).__name__} (only Linear, convolutions and "
-                     f"Embedding)")
+    raise ValueError(f"{path}: a forward multiplier applies to a matrix (an Embedding's, a linear map's or a "
+                     f"convolution's weight), not to a {type(module).__name__}'s vector")
 
 
 def _scale_input(multiplier: float) -> Callable[..., tuple[Any, ...]]:
@@ -462,3 +714,107 @@ def _scale_output(multiplier: float) -> Callable[..., torch.Tensor]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return output * multiplier
     return hook
+
+
+def _attention_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules: those with an integer head_dim attribute, and the innermost ones whose
+    class name contains "Attention" (a wrapper holding an attention module is not one itself)."""
+    found = [name for name, module in model.named_modules()
+             if _is_int(getattr(module, "head_dim", None)) or "Attention" in type(module).__name__]
+    return [name for name in found if not any(other.startswith(f"{name}.") for other in found if other != name)
+            or _is_int(getattr(model.get_submodule(name), "head_dim", None))]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _attention(model: nn.Module, base: nn.Module | None, patterns: Mapping[str, str | Callable[..., None]]
+               ) -> dict[str, tuple[nn.Module, str | None, float, float]]:
+    """{attention module name: (module, attribute, value now, derived value)} (attribute None: a callable rescaled
+    it); warns naming every attention module it cannot rescale."""
+    modules = dict(model.named_modules())
+    bases = dict(base.named_modules()) if base is not None else {}
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
+            raise ValueError(f"attention pattern {pattern!r} matches no module")
+    chosen = set(_attention_modules(model)) | {n for n in modules if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    out = {}
+    for name in (n for n in modules if n in chosen):
+        module = modules[name]
+        how = next((h for p, h in patterns.items() if fnmatch.fnmatchcase(name, p)), None) or _scale_attribute(module)
+        if callable(how):
+            how(module, bases.get(name), _LOGIT)
+            out[name] = (module, None, math.nan, math.nan)
+        elif how is None:
+            hint = _entry(name, "'attribute'")
+            warnings.warn(f"{name} ({type(module).__name__}) looks like attention but has no float "
+                          f"{' or '.join(_SCALE_ATTRIBUTES)} attribute, so its logit scale is not set to "
+                          f"(head_dim / head_dim_base)**{LOGIT_SCALE}: pass attention={hint} or "
+                          f"a callable fn(module, base_module, logit_scale)", stacklevel=3)
+        elif (after := _logit_scale(name, module, bases.get(name), how)) is not None:
+            out[name] = (module, how, float(getattr(module, how)), after)
+    return out
+
+
+def _scale_attribute(module: nn.Module) -> str | None:
+    """The attribute holding a module's logit scale: the first float of _SCALE_ATTRIBUTES it has."""
+    return next((a for a in _SCALE_ATTRIBUTES if isinstance(getattr(module, a, None), float)), None)
+
+
+def _logit_scale(name: str, module: nn.Module, base: nn.Module | None, attribute: str) -> float | None:
+    """base value * (head_dim / head_dim_base)**LOGIT_SCALE; without a base module, the value now when it already
+    is head_dim**LOGIT_SCALE; otherwise None, with a warning."""
+    head_dim, value = getattr(module, "head_dim", None), getattr(module, attribute, None)
+    where = f"{name} ({type(module).__name__})"
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"attention: {where} has no number {attribute!r} attribute (it holds {value!r})")
+    if not _is_int(head_dim):
+        hint = _entry(name, "fn(module, base_module, logit_scale)")
+        warnings.warn(f"{where}: no integer head_dim attribute, so {attribute} cannot follow the head_dim ratio; "
+                      f"pass attention={hint}", stacklevel=4)
+        return None
+    if base is not None and _is_int(getattr(base, "head_dim", None)) and hasattr(base, attribute):
+        return getattr(base, attribute) * (head_dim / base.head_dim) ** _LOGIT
+    if math.isclose(value, head_dim ** _LOGIT, rel_tol=1e-6):
+        return value
+    warnings.warn(f"{where}: the base is not a module, so the base value of {attribute} is unknown and it stays "
+                  f"{value:.4g}; pass base as a module, or set {attribute} = head_dim ** {LOGIT_SCALE} yourself",
+                  stacklevel=4)
+    return None
+
+
+def _queries(model: nn.Module, uses: dict[str, list[tuple[str, nn.Module, str]]]) -> list[tuple[torch.Tensor, int,
+    int]]:
+    """(parameter, out axis, size) of every query projection's outputs to zero: see MuP.initialize_."""
+    layout = {(id(module), path.rpartition(".")[2]): lay for held in uses.values() for path, module, lay in held}
+    out = []
+    for name in _attention_modules(model):
+        attention = model.get_submodule(name)
+        children = [(child_name, child, [(p, layout[(id(child), local)]) for local, p in child.named_parameters(
+            recurse=False)]) for child_name, child in attention.named_children()]
+        named = [c for c in children if set(re.split(r"[^a-z0-9]+", c[0].lower())) & set(_QUERY_TOKENS)]
+        for _, child, params in named or children:
+            out += _query_rows(attention, child, params, fused=not named)
+    if not out:
+        warnings.warn("zero_query=True found no query projection (see MuP.initialize_); nothing will be zeroed",
+                      stacklevel=3)
+    return out
+
+
+def _query_rows(attention: nn.Module, child: nn.Module, params: list[tuple[torch.Tensor, str]], fused: bool
+                ) -> list[tuple[torch.Tensor, int, int]]:
+    """The query outputs of one projection: all of them, or (``fused``) the first query-width ones."""
+    matrices = [(p, _axes(lay, p.ndim)) for p, lay in params if p.ndim >= 2]
+    if len(matrices) != 1:
+        return []
+    weight, (out_axis, in_axes) = matrices[0]
+    size = weight.shape[out_axis]
+    if fused:
+        heads = next((getattr(attention, a) for a in _HEAD_COUNTS if _is_int(getattr(attention, a, None))), None)
+        head_dim = getattr(attention, "head_dim", None)
+        query = heads * head_dim if heads and _is_int(head_dim) else math.prod(weight.shape[a] for a in in_axes)
+        if query >= size:
+            return []
+        size = query
+    return [(weight, out_axis, size), *((p, 0, size) for p, _ in params if p.ndim == 1)]
