@@ -122,3 +122,79 @@ def test_the_standard_parameterization_would_differ():
     twin.load_state_dict(ours.state_dict())
     data = batches("mlp")
     assert loss_of(ours, *data[0]).item() != pytest.approx(loss_of(twin, *data[0]).item(), rel=1e-3)
+
+
+# -- tied embedding/readout: mup's MuSharedReadout on a transformers GPT-2 (Conv1D layers, tied lm_head) ----------
+def gpt2(width: int, shared: bool = False):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=width, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(config)
+    if shared:
+        model.lm_head = mup.MuSharedReadout(model.transformer.wte.weight, bias=False)
+    return model
+
+
+def hf_loss(model, x, y) -> torch.Tensor:
+    return F.cross_entropy(model(x).logits.reshape(-1, VOCAB), y.reshape(-1))
+
+
+@pytest.mark.parametrize("rule", list(CASES))
+def test_tied_trajectories_match_mup_shared_readout(rule):
+    """Same init, same batches: our tied role (one tensor: input-side lr, readout multiplier 1/width_mult on the
+    lm_head) against mup's MuSharedReadout + MuAdam/MuAdamW/MuSGD, losses within 1e-5."""
+    ours_kwargs, theirs = CASES[rule]
+    torch.manual_seed(0)
+    ours = gpt2(WIDTH)
+    p = module(rule).MuP(ours, gpt2(BASE))
+    name = "transformer.wte.weight"
+    assert p.roles[name] == "tied" and p.ties[name] == (("transformer.wte",), ("lm_head",))
+    assert p.roles["transformer.h.0.attn.c_attn.weight"] == "hidden"
+    p.initialize_(torch.Generator().manual_seed(0))
+
+    twin = gpt2(WIDTH, shared=True)
+    mup.set_base_shapes(twin, gpt2(BASE, shared=True))
+    twin.load_state_dict(ours.state_dict())
+    assert twin.lm_head.weight is twin.transformer.wte.weight
+    for block, theirs_block in zip(ours.transformer.h, twin.transformer.h, strict=True):
+        theirs_block.attn.scaling = block.attn.scaling  # the logit scale is the user's job under mup
+    data = batches("gpt")
+    assert torch.allclose(hf_loss(ours, *data[0]), hf_loss(twin, *data[0]), rtol=1e-6)
+    optimizer = p.optimizer(**ours_kwargs)
+    for group in optimizer.param_groups:
+        group["eps"] = ours_kwargs.get("eps", group.get("eps"))
+
+    def run(model, opt):
+        losses = []
+        for x, y in data:
+            loss = hf_loss(model, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    ours_losses, theirs_losses = run(ours, optimizer), run(twin, theirs(twin.parameters()))
+    assert ours_losses == pytest.approx(theirs_losses, rel=1e-5)
+    assert ours_losses[-1] != ours_losses[0]
+    assert torch.allclose(ours.transformer.wte.weight, twin.transformer.wte.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_tied_readout_without_its_multiplier_would_differ():
+    """The tied comparison can fail: without the readout pre-hook the logits are width_mult times mup's."""
+    torch.manual_seed(0)
+    ours = gpt2(WIDTH)
+    p = module("adamw").MuP(ours, gpt2(BASE))
+    p.initialize_(torch.Generator().manual_seed(0))
+    twin = gpt2(WIDTH, shared=True)
+    mup.set_base_shapes(twin, gpt2(BASE, shared=True))
+    twin.load_state_dict(ours.state_dict())
+    for block, theirs_block in zip(ours.transformer.h, twin.transformer.h, strict=True):
+        theirs_block.attn.scaling = block.attn.scaling
+    x, y = batches("gpt")[0]
+    assert hf_loss(ours, x, y).item() == pytest.approx(hf_loss(twin, x, y).item(), rel=1e-6)
+    p.remove()
+    for block, theirs_block in zip(ours.transformer.h, twin.transformer.h, strict=True):
+        block.attn.scaling = theirs_block.attn.scaling  # remove() restored the model's own; keep only the hook off
+    assert hf_loss(ours, x, y).item() != pytest.approx(hf_loss(twin, x, y).item(), rel=1e-3)

@@ -195,6 +195,7 @@ class MuP:
         self.ties = _ties(self._uses)
         _tie(self.roles, self.ties)
         self._readout_tied = _override(self.roles, params, self._uses, readout, roles or {})
+        _refuse_conflicts(self.roles, self.ties)
         self.ratios = {name: 1.0 if self.roles[name] == "fixed" else
                        _ratio(tuple(param.shape), base_shapes[name], scaling[name], name)
                        for name, param in params.items()}
@@ -539,17 +540,22 @@ def _ties(uses: dict[str, list[tuple[str, nn.Module, str]]]) -> dict[str, tuple[
 
 
 def _tie(roles: dict[str, str], ties: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
-    """Give each tied tensor whose width dimension scales the tied role (refused under TIED_CONFLICTS)."""
+    """Give each tied tensor whose width dimension scales (role input by its Embedding layout) the tied role."""
+    for name in ties:
+        if roles[name] == "input":
+            roles[name] = "tied"
+
+
+def _refuse_conflicts(roles: Mapping[str, str], ties: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+    """A tensor left in the tied role under a rule that cannot serve it (TIED_CONFLICTS, or no tied row) is an
+    error that quotes why."""
     for name, (embeddings, readouts) in ties.items():
-        if roles[name] != "input":
-            continue
-        if "tied" not in _E or TIED_CONFLICTS:
+        if roles[name] == "tied" and ("tied" not in _E or TIED_CONFLICTS):
             why = "; ".join(TIED_CONFLICTS) or "the derivation has no tied row"
             hint = _entry(name, "'input' or 'output'")
             raise ValueError(f"{name} is tied (embedding {', '.join(embeddings)}, readout {', '.join(readouts)}), "
                              f"but rule {RULE} cannot serve one tensor in both uses: {why}. Untie the readout "
                              f"(give it its own weight) or pass roles={hint}")
-        roles[name] = "tied"
 
 
 def _override(roles: dict[str, str], params: dict[str, torch.Tensor], uses: dict[str, list[tuple[str, nn.Module, str]]],
