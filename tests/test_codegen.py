@@ -96,6 +96,8 @@ def test_header_states_the_derivation():
     assert rule.digest in doc and "Convention: spectral" in doc and "Paper: You et al. 2020" in doc
     assert "hidden  0           -1/2      -1/2  -1   1/2           1/2" in doc  # multiplier init lr eps wd clamp
     assert "lr ~ Max(1/sqrt(fan_in), 1/sqrt(fan_out))" in doc and "import mup_lamb as mu" in doc
+    assert "tied    0|-1        0         0     -1   0             1/2    -1/2" in doc
+    assert "Attention logits: scale ~ (head_dim / head_dim_base)^-1" in doc
     assert "import mupderive" not in text and "from mupderive" not in text
     assert "import pytorch_optimizer" not in text  # lamb is compiled from the rule (clamp is class-level)
     assert "import pytorch_optimizer" in source("lion")
@@ -109,6 +111,14 @@ def test_exponents_in_the_module_are_the_derivation():
             lr_name = load_rule(layer["rule"]).lr.name
             expected = {"multiplier": layer["multiplier"], "init_std": layer["init_std"], lr_name: layer["lr"]}
             assert module.EXPONENTS[role] == expected | layer["hyper"]
+            assert module.GRAD_NORM[role] == layer["grad_norm"]
+        tied = derive(rule, convention).to_json()["tied"]
+        lr_name = load_rule(tied["rule"]).lr.name
+        assert module.EXPONENTS["tied"] == {k: tied[k] for k in ("multiplier", "readout_multiplier", "init_std")} | {
+            lr_name: tied["lr"]} | tied["hyper"]
+        assert module.GRAD_NORM["tied"] == tied["grad_norm"] and module.RULE_OF_ROLE["tied"] == tied["rule"]
+        assert module.LOGIT_SCALE == derive(rule, convention).to_json()["attention"]["logit_scale"] == "-1"
+        assert module.TIED_CONFLICTS == () and module.DECAY[module.RULE] == ("weight_decay",)
         assert (convention, rule) == (module.CONVENTION, module.RULE)
 
 
@@ -280,9 +290,9 @@ def test_initialize_draws_the_derived_stds(adamw):
     r = width / base
     assert model.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(spectral(base, base) / r ** 0.5, rel=0.02)
     assert model.lm_head.weight.std().item() == pytest.approx(spectral(VOCAB, base) / r, rel=0.03)
-    # an Embedding's input is one-hot (fan_in 1): std 1 whatever the vocabulary; the input role's exponent is 0
-    assert model.wte.weight.std().item() == pytest.approx(1.0, rel=0.03)
-    assert model.wpe.weight.std().item() == pytest.approx(1.0, rel=0.1)
+    # an Embedding: dim_base**-1/2 whatever the vocabulary (unit-norm token vectors at the base); input exponent 0
+    assert model.wte.weight.std().item() == pytest.approx(base ** -0.5, rel=0.03)
+    assert model.wpe.weight.std().item() == pytest.approx(base ** -0.5, rel=0.1)
     assert torch.all(model.blocks[0].attn.c_attn.bias == 0) and torch.all(model.ln_f.weight == 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p.initialize_(torch.Generator().manual_seed(0))

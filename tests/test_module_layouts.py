@@ -109,7 +109,7 @@ def test_an_unknown_layout_warns_and_layouts_overrides_it():
 def test_embedding_std_does_not_depend_on_the_vocabulary(vocab):
     model = nn.Embedding(vocab, 64)
     module().MuP(model, nn.Embedding(vocab, 16)).initialize_(torch.Generator().manual_seed(0))
-    assert model.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.weight.std().item() == pytest.approx(16 ** -0.5, rel=0.05)  # dim_base**-1/2, E_init 0
 
 
 # -- attention ------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
         "title_line": _title_line(derivation.rule),
         "command": _command(derivation, options),
         "about": _about(derivation, parts, options),
-        "table": _table(document["layers"]),
+        "table": _table(document["layers"], document.get("tied")),
+        "extras": _extras(document),
         "formulas": _formulas(document["formulas"]),
         "diagnosis": _diagnosis(document["layers"]),
         "usage": _usage(derivation, parts, reads_hessian),
@@ -82,16 +83,35 @@ def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
 
 
-def _table(data: dict) -> list[str]:
-    hypers = list(dict.fromkeys(h for layer in data.values() for h in layer["hyper"]))
-    hybrid = len({layer["rule"] for layer in data.values()}) > 1
-    head = ["role", *(["rule"] if hybrid else []), "multiplier", "init_std", "lr", *hypers]
+def _table(data: dict, tied: dict | None) -> list[str]:
+    """One row per role (and the tied tensor: multiplier embedding|readout), grad_norm last."""
+    rows_of = dict(data)
+    if tied is not None:
+        rows_of["tied"] = tied | {"multiplier": f"{tied['multiplier']}|{tied['readout_multiplier']}"}
+    hypers = list(dict.fromkeys(h for layer in rows_of.values() for h in layer["hyper"]))
+    hybrid = len({layer["rule"] for layer in rows_of.values()}) > 1
+    head = ["role", *(["rule"] if hybrid else []), "multiplier", "init_std", "lr", *hypers, "grad_norm"]
     rows = [head]
-    for role, layer in data.items():
+    for role, layer in rows_of.items():
         cells = [role, *([layer["rule"]] if hybrid else []), layer["multiplier"], layer["init_std"], layer["lr"]]
-        rows.append([safe.text(c) for c in cells + [layer["hyper"].get(h, "-") for h in hypers]])
+        cells += [layer["hyper"].get(h, "-") for h in hypers] + [layer["grad_norm"]]
+        rows.append([safe.text(c) for c in cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _extras(document: dict) -> list[str]:
+    """What the table's extra rows and columns mean, the tie's conflicts and the attention logit scale."""
+    lines = ["grad_norm: the exponent of the gradient's Frobenius norm (MuP.clip_grad_norm_ scales its threshold)."]
+    tied = document.get("tied")
+    if tied is not None:
+        lines.append("tied: one tensor used as an embedding and, transposed, as the readout (found by tensor "
+                     "identity); multiplier embedding|readout.")
+        if tied["conflicts"]:
+            lines.append("A tie cannot be served under this rule (MuP refuses one): " + "; ".join(tied["conflicts"]))
+    lines.append(f"Attention logits: scale ~ (head_dim / head_dim_base)^{document['attention']['logit_scale']} "
+                 f"(the usual head_dim^{document['attention']['at_init']} only keeps them ~ 1 at init).")
+    return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
 
 
 def _formulas(formulas: dict) -> list[str]:
@@ -121,7 +141,9 @@ def _usage(derivation: Derivation, parts: list[Part], reads_hessian: bool) -> li
              "p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})",
              "# at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))",
              "p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)",
-             f"opt = p.optimizer({', '.join(lrs)})",
+             "# or MuP(model, base, init='keep'): the model's own init times ratio**E_init; zero_query=True",
+             f"opt = p.optimizer({', '.join(lrs)})  # decay_vectors=False: biases and gains undecayed",
+             "p.clip_grad_norm_(1.0)                 # after backward(): a threshold scaled like the gradient norm",
              "print(p.describe())                    # per parameter: role, ratio, multiplier, init, factors",
              f"# opt is {built} with one parameter group per (role, width ratio)"]
     if reads_hessian:

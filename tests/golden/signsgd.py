@@ -15,11 +15,17 @@ Implementation note (signsgd): The buffer is an EMA (B <- mu B + (1 - mu) G); de
 
 Width exponents E: at width ratio r = n / n_base, a quantity is its base value times r**E.
 
-    role    multiplier  init_std  lr  weight_decay
-    input   0           0         0   0
-    hidden  0           -1/2      -1  1
-    output  0           -1        -1  1
-    vector  0           0         0   0
+    role    multiplier  init_std  lr  weight_decay  grad_norm
+    input   0           0         0   0             -1/2
+    hidden  0           -1/2      -1  1             0
+    output  0           -1        -1  1             1/2
+    vector  0           0         0   0             -1/2
+    tied    0|-1        0         0   0             -1/2
+
+grad_norm: the exponent of the gradient's Frobenius norm (MuP.clip_grad_norm_ scales its threshold).
+tied: one tensor used as an embedding and, transposed, as the readout (found by tensor identity); multiplier
+embedding|readout.
+Attention logits: scale ~ (head_dim / head_dim_base)^-1 (the usual head_dim^-1/2 only keeps them ~ 1 at init).
 
 General formulas (multiplier 1, where the rule applies):
 
@@ -42,7 +48,9 @@ Usage:
     p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})
     # at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))
     p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)
-    opt = p.optimizer(lr=0.001)
+    # or MuP(model, base, init='keep'): the model's own init times ratio**E_init; zero_query=True
+    opt = p.optimizer(lr=0.001)  # decay_vectors=False: biases and gains undecayed
+    p.clip_grad_norm_(1.0)                 # after backward(): a threshold scaled like the gradient norm
     print(p.describe())                    # per parameter: role, ratio, multiplier, init, factors
     # opt is pytorch_optimizer.SignSGD with one parameter group per (role, width ratio)
 
@@ -229,7 +237,9 @@ class MuP:
 
         - a weight of a matrix role ~ N(0, std), std = sigma_base * ratio**E_init, where sigma_base is the
           spectral-condition std at its base shape, fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); an Embedding's
-          input is one-hot (fan_in 1), so its sigma_base is 1 whatever the vocabulary (a tied tensor's too);
+          sigma_base is dim_base**-1/2 whatever the vocabulary: unit-norm token vectors at the base width, entries
+          of a width-independent size (E_init 0) beyond it; a tied tensor's readout use then starts at its own
+          spectral value dim_base**-1/2 too, so logits are ~ 1 at the base;
         - every parameter named ``bias``, whatever its role: 0;
         - the 1-D weight of a normalization layer (LayerNorm, RMSNorm, GroupNorm, BatchNorm) of role vector:
           ratio**E_init (1 in the spectral and mup-package conventions);
@@ -479,11 +489,11 @@ def _axes(layout: str, ndim: int) -> tuple[int, tuple[int, ...]]:
 
 
 def _base_std(base: tuple[int, ...], layout: str) -> float:
-    """The spectral-condition std at the base shape: fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); 1 for an
-    Embedding (its one-hot input has fan_in 1)."""
-    if layout == "embedding":
-        return 1.0
+    """The spectral-condition std at the base shape: fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); for an
+    Embedding dim_base**-1/2, whatever the vocabulary (unit-norm token vectors at the base width)."""
     out_axis, in_axes = _axes(layout, len(base))
+    if layout == "embedding":
+        return base[out_axis] ** -0.5
     fan_out, fan_in = base[out_axis], math.prod(base[axis] for axis in in_axes)
     return fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
 
