@@ -29,8 +29,7 @@ import warnings
 
 import torch
 
-from mupderive.verify.coord_check import BASE_LR, run_check
-from mupderive.verify.coord_task import MLPTask
+from mupderive.verify.coord import BASE_LR, MLPTask, run_check
 from mupderive.verify.data import load_corpus, split_corpus
 from mupderive.verify.train import resolve_device
 

@@ -133,10 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coord-check", help="coordinate check on a real model", formatter_class=fmt,
                        description="Train a few steps at increasing widths with the generated module and check "
                                    "that every layer's activations and their changes keep their scale (fitted "
-                                   "slope near the prediction). Exit 0 only if every layer passes.")
+                                   "slope near the prediction); attention logits are recorded as layers "
+                                   "attention_logits.K. Exit 0 only if every layer passes, 1 when one fails (named, "
+                                   "with its slope and likely cause), 2 for bad input.")
     _rule_arg(p)
     _verify_args(p, "64,128,256,512")
-    p.add_argument("--model", default="mlp", choices=["mlp", "gpt"])
+    p.add_argument("--model", default="mlp", metavar="mlp|gpt|FILE.py:FUNC[:TASK]",
+                   help="the built-in MLP or GPT, or a model of your own: FUNC(width) in FILE.py returns the "
+                        "nn.Module at that width; trained as a causal LM on the character corpus (token ids in, "
+                        "logits or .logits out, e.g. any Hugging Face *ForCausalLM) unless the file (or its object "
+                        "TASK) defines batches(batch_size, generator) and optionally loss(model, x, y) "
+                        "(default: mlp)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
@@ -154,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     _rule_arg(p)
     _verify_args(p, "64,128,256,512")
     p.set_defaults(widths=None)  # unset options take the full or the --quick preset
-    p.add_argument("--model", default=None, choices=["mlp", "gpt"], help="default: gpt (mlp with --quick)")
+    p.add_argument("--model", default=None, metavar="mlp|gpt|FILE.py:FUNC[:TASK]",
+                   help="the built-in MLP or GPT, or FUNC(width) in FILE.py returning your nn.Module (a causal LM "
+                        "on the character corpus unless the file defines batches/loss, as for coord-check) "
+                        "(default: gpt; mlp with --quick)")
     p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the rule's default lr "
                                                "times 2^-4 .. 2^4; 2^-2 .. 2^2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="default: 200 (20 with --quick)")
@@ -179,7 +189,7 @@ COMMANDS = {
     "compare": "mupderive.commands:compare_table",
     "generate": "mupderive.codegen.generate:command",
     "oracle": "mupderive.verify.oracle:command",
-    "coord-check": "mupderive.verify.coord_check:command",
+    "coord-check": "mupderive.verify.coord.command:command",
     "transfer": "mupderive.verify.transfer:command",
 }
 

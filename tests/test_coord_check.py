@@ -23,11 +23,11 @@ from torch import nn
 from mupderive import builtin_rule_names, derive
 from mupderive.calculus.exponent import Exp
 from mupderive.cli import main
-from mupderive.verify.coord_check import run_check
-from mupderive.verify.coord_fit import fit_slope
-from mupderive.verify.coord_judge import FLAT, NOT_ABOVE, Expect, checkpoints
-from mupderive.verify.coord_measure import QUANTITIES, train_and_measure
-from mupderive.verify.coord_task import GPTTask, MLPTask
+from mupderive.verify.coord.check import run_check
+from mupderive.verify.coord.fit import fit_slope
+from mupderive.verify.coord.judge import FLAT, NOT_ABOVE, Expect, checkpoints
+from mupderive.verify.coord.measure import QUANTITIES, train_and_measure
+from mupderive.verify.coord.task import GPTTask, MLPTask
 from mupderive.verify.fit import t975
 from mupderive.verify.models import base_shapes, roles
 from mupderive.verify.train import import_source

@@ -20,9 +20,8 @@ import torch
 
 from mupderive import builtin_rule_names, derive
 from mupderive.calculus.exponent import Exp
-from mupderive.verify.coord_check import CoordCheck, run_check
-from mupderive.verify.coord_report import markdown_layers, markdown_worst, text_report, to_json, write_outputs
-from mupderive.verify.coord_task import GPTTask, MLPTask
+from mupderive.verify.coord import CoordCheck, GPTTask, MLPTask, run_check, text_report
+from mupderive.verify.coord.report import markdown_layers, markdown_worst, to_json, write_outputs
 from mupderive.verify.train import resolve_device
 
 HERE = Path(__file__).resolve().parent

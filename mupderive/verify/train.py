@@ -14,9 +14,9 @@ import math
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,9 +30,10 @@ from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Implementation, Rule
 from mupderive.verify.data import CharVocab, Device, char_batches, context_batches
-from mupderive.verify.models import GPT, MLP, roles
+from mupderive.verify.models import GPT, MLP, Buildable, roles
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterator[tuple[Any, torch.Tensor]]
+LossFn = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,63 @@ class ModelSpec:
             return MLP(self.context * vocab, width, vocab, self.depth)
         return GPT(vocab, width, self.n_layer, self.n_head, self.block_size, self.attn_scale)
 
-    def batches(self, text: str, batch_size: int, generator: torch.Generator, device: Device) -> Batches:
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    def batches(self, text: str, generator: torch.Generator, device: Device, batch_size: int) -> Batches:
         """Infinite (x, y) batches of `text` for this architecture."""
         if self.kind == "mlp":
             return context_batches(text, self.context, batch_size, generator, device)
         return char_batches(text, self.block_size, batch_size, generator, device)
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Next-character cross-entropy (:func:`loss_of`)."""
+        return loss_of(model, x, y)
 
-def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-character cross-entropy (nats) for either architecture's logits ([B, V] or [B, T, V])."""
-    logits = model(x)
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def forward(model: nn.Module, x: Any) -> Any:
+    """``model(x)``; a tuple or list of inputs is passed as positional arguments, a dict as keyword arguments."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, tuple | list):
+        return model(*x)
+    return model(x)
+
+
+def logits_of(output: Any) -> torch.Tensor | None:
+    """The logits in a model's output: the tensor itself, its ``.logits`` (Hugging Face), or a tuple's first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def loss_of(model: nn.Module, x: Any, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats), CE(logits.reshape(-1, V), y.reshape(-1)), of the logits ([B, V] or [B, T, V])."""
+    logits = logits_of(forward(model, x))
+    if logits is None:
+        raise MupError(f"the model ({type(model).__name__}) returned neither a tensor of logits nor an object with "
+                       ".logits")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def to_device(x: Any, device: Device) -> Any:
+    """``x`` (a tensor, or a tuple, list or dict of them) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(to_device(v, device) for v in x)
+    return x
 
 
 def resolve_device(name: str) -> str:
@@ -119,7 +166,7 @@ def constructor_kwargs(rule: Rule) -> dict[str, Any]:
     return constructor_arguments(rule.implementation, {h.name: h.default for h in rule.hypers})
 
 
-def hidden_matrices(spec: ModelSpec, width: int) -> set[str]:
+def hidden_matrices(spec: Buildable, width: int) -> set[str]:
     """Names of the parameters in the 'hidden' role (both fans grow with width)."""
     return {name for name, role in roles(spec, width).items() if role == "hidden"}
 
@@ -220,8 +267,8 @@ def needs_graph(optimizer) -> bool:
     return any("hessian" in inspect.signature(opt.step).parameters for opt in parts)
 
 
-def train(model: nn.Module, optimizer, batches: Batches, steps: int, warmup: int = 0, explode: float = 3.0
-          ) -> TrainResult:
+def train(model: nn.Module, optimizer, batches: Batches, steps: int, warmup: int = 0, explode: float = 3.0,
+          loss_fn: LossFn = loss_of) -> TrainResult:
     """Train for `steps` steps under the warmup + cosine schedule (scaling each group's own lr).
 
     Stops early, as 'diverged', at the first step whose loss is NaN/inf or above `explode` times the first loss.
@@ -238,7 +285,7 @@ def train(model: nn.Module, optimizer, batches: Batches, steps: int, warmup: int
                 for group, base in zip(groups, base_lrs, strict=True):
                     group["lr"] = base * lr_factor(step, steps, warmup)
                 x, y = next(batches)
-                loss = loss_of(model, x, y)
+                loss = loss_fn(model, x, y)
                 value = loss.item()
                 losses.append(value)
                 if not math.isfinite(value) or value > explode * losses[0]:
@@ -263,8 +310,8 @@ def all_finite(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, n_batches: int) -> float:
+def evaluate(model: nn.Module, batches: Batches, n_batches: int, loss_fn: LossFn = loss_of) -> float:
     """Mean loss over the next `n_batches` batches, in eval mode."""
     model.eval()
-    total = sum(loss_of(model, *next(batches)).item() for _ in range(n_batches))
+    total = sum(loss_fn(model, *next(batches)).item() for _ in range(n_batches))
     return total / n_batches

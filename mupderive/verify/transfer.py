@@ -29,19 +29,18 @@ from mupderive.derivation import derive
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.verify.data import load_corpus, split_corpus
-from mupderive.verify.models import base_shapes
 from mupderive.verify.store import Run, Store
 from mupderive.verify.train import (
     ModelSpec,
     digest,
     evaluate,
-    hidden_matrices,
     import_source,
     resolve_device,
     standard_optimizer,
     standard_setup,
     train,
 )
+from mupderive.verify.user import UserTask, is_user_model, load_task
 
 SCHEMA = "mupderive.transfer/1"
 PROTOCOL = 1  # bump when the training protocol changes, so stored runs of the old protocol are not reused
@@ -69,7 +68,7 @@ class SweepConfig:
     """Everything a sweep runs: the grid, the model, the training protocol, the parameterization."""
 
     rule: str  # built-in name or path
-    model: ModelSpec
+    model: ModelSpec | UserTask  # a reference architecture or a model of your own (FILE.py:FUNC[:TASK])
     widths: tuple[int, ...]
     lrs: tuple[float, ...]
     steps: int
@@ -100,17 +99,24 @@ class Sweep:
             raise MupError(f"a transfer sweep needs at least two distinct positive widths, got {list(config.widths)}")
         if not config.lrs or not all(math.isfinite(lr) and lr > 0 for lr in config.lrs):
             raise MupError(f"learning rates must be positive, got {list(config.lrs)}")
-        if config.model.kind == "gpt" and any(w % config.model.n_head for w in config.widths):
+        if isinstance(config.model, UserTask):
+            config.model.check_widths(list(config.widths))
+        elif config.model.kind == "gpt" and any(w % config.model.n_head for w in config.widths):
             raise MupError(f"GPT widths must be multiples of n_head = {config.model.n_head}")
         self.config = config
         self.rule = load_rule(config.rule)
         self.device = resolve_device(config.device)
         self.base_width = min(config.widths)
         self.train_text, self.val_text = split_corpus(load_corpus())
-        self.generated = None
-        if config.parameterization == "derived" or self.rule.implementation.cls is None:
-            source = generated_source(self.rule)
-            self.generated = import_source(source)
+        source = generated_source(self.rule)  # the parameterization, and the roles of every parameterization
+        self.module = import_source(source)
+        self.generated = self.module if config.parameterization == "derived" or \
+            self.rule.implementation.cls is None else None
+        with torch.device("meta"):  # base and delta: shapes only, as MuP compares against them
+            self.base, self.delta = config.model.build(self.base_width), config.model.build(2 * self.base_width)
+        roles = self.module.MuP(self.base, self.base, delta=self.delta)
+        roles.remove()
+        self.hidden = {name for name, role in roles.roles.items() if role == "hidden"}
         if config.parameterization == "derived":
             self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width,
                                 "delta_width": 2 * self.base_width}
@@ -122,7 +128,7 @@ class Sweep:
             json.dumps(self.setup, sort_keys=True))
         self.identity = {
             "protocol": PROTOCOL, "rule_sha256": self.rule.digest, "convention": CONVENTION,
-            "parameterization": config.parameterization, "setup": self.setup, "model": asdict(config.model),
+            "parameterization": config.parameterization, "setup": self.setup, "model": config.model.to_json(),
             "steps": config.steps, "batch_size": config.batch_size, "warmup": config.warmup,
             "window": config.window, "explode": config.explode, "eval_batches": config.eval_batches,
             "corpus_sha256": digest(self.train_text + self.val_text),
@@ -142,14 +148,12 @@ class Sweep:
         Every learning rate of the optimizer (a hybrid's fallback lr too) is the swept one.
         """
         if self.generated is None:
-            return standard_optimizer(self.setup, model, hidden_matrices(self.config.model, width), lr)
-        if self.config.parameterization == "derived":
-            spec = self.config.model  # delta: a model at the base width itself keeps its roles
-            mup = self.generated.MuP(model, base_shapes(spec, self.base_width),
-                                     delta=base_shapes(spec, 2 * self.base_width))
+            return standard_optimizer(self.setup, model, self.hidden, lr)
+        if self.config.parameterization == "derived":  # delta: a model at the base width itself keeps its roles
+            mup = self.generated.MuP(model, self.base, delta=self.delta)
             mup.initialize_()
         else:  # no library class: the generated optimizer with the model as its own base (every ratio 1)
-            mup = self.generated.MuP(model, base_shapes(self.config.model, width))
+            mup = self.generated.MuP(model, model)
         names = inspect.signature(mup.optimizer).parameters
         return mup.optimizer(**{name: lr for name in names if name == "lr" or name.endswith("_lr")})
 
@@ -160,19 +164,19 @@ class Sweep:
         torch.manual_seed(seed)
         model = c.model.build(width).to(self.device)
         optimizer = self.optimizer(model, width, lr)
-        batches = c.model.batches(self.train_text, c.batch_size, torch.Generator().manual_seed(seed), self.device)
-        result = train(model, optimizer, batches, c.steps, c.warmup, c.explode)
+        batches = c.model.batches(self.train_text, torch.Generator().manual_seed(seed), self.device, c.batch_size)
+        result = train(model, optimizer, batches, c.steps, c.warmup, c.explode, c.model.loss)
         status, diverged_step, train_loss, val_loss = result.status, result.diverged_step, None, None
         if status == "ok":
-            val_batches = c.model.batches(self.val_text, c.batch_size, torch.Generator().manual_seed(EVAL_SEED),
-                                          self.device)
-            val_loss = evaluate(model, val_batches, c.eval_batches)
+            val_batches = c.model.batches(self.val_text, torch.Generator().manual_seed(EVAL_SEED), self.device,
+                                          c.batch_size)
+            val_loss = evaluate(model, val_batches, c.eval_batches, c.model.loss)
             train_loss = statistics.fmean(result.losses[-c.window:])
             if not math.isfinite(val_loss):
                 status, diverged_step, train_loss, val_loss = "diverged", c.steps, None, None
         return Run(
             key=self.key(width, lr, seed), sweep=self.sweep_id, rule=self.rule.name, rule_sha256=self.rule.digest,
-            model=c.model.kind, parameterization=c.parameterization, setup_sha256=self.setup_sha256,
+            model=c.model.name, parameterization=c.parameterization, setup_sha256=self.setup_sha256,
             width=width, lr=lr, seed=seed, steps=c.steps, batch_size=c.batch_size, status=status,
             diverged_step=diverged_step, train_loss=train_loss, val_loss=val_loss, losses=result.losses,
             wall_s=time.perf_counter() - start, device=str(self.device), torch_version=torch.__version__,
@@ -383,7 +387,7 @@ def report(sweep: Sweep, runs: Sequence[Run], train: Summary | None = None) -> d
     train = train or summarize(runs, c.widths, c.lrs, "train")
     return {
         "schema": SCHEMA, "rule": sweep.rule.name, "rule_sha256": sweep.rule.digest,
-        "parameterization": c.parameterization, "model": asdict(c.model), "widths": list(c.widths),
+        "parameterization": c.parameterization, "model": c.model.to_json(), "widths": list(c.widths),
         "lrs": list(c.lrs), "steps": c.steps, "batch_size": c.batch_size, "seeds": c.seeds,
         "device": str(sweep.device), "torch_version": torch.__version__, "sweep": sweep.sweep_id,
         "runs": len(runs), "diverged": sum(r.status == "diverged" for r in runs),
@@ -395,8 +399,11 @@ def report(sweep: Sweep, runs: Sequence[Run], train: Summary | None = None) -> d
 
 def title_of(sweep: Sweep) -> str:
     c = sweep.config
-    layers = f"{c.model.n_layer}-layer " if c.model.kind == "gpt" else f"depth-{c.model.depth} "
-    return (f"{sweep.rule.name}, {c.parameterization} parameterization: {layers}{c.model.kind}, {c.steps} steps, "
+    if isinstance(c.model, UserTask):
+        model = c.model.source or c.model.name
+    else:
+        model = (f"{c.model.n_layer}-layer " if c.model.kind == "gpt" else f"depth-{c.model.depth} ") + c.model.kind
+    return (f"{sweep.rule.name}, {c.parameterization} parameterization: {model}, {c.steps} steps, "
             f"batch {c.batch_size}, {c.seeds} seed(s), {sweep.device}")
 
 
@@ -412,15 +419,28 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
     return values
 
 
-def make_config(rule: str, *, quick: bool = False, model: str | None = None, widths: Sequence[int] | None = None,
-                lrs: Sequence[float] | None = None, steps: int | None = None, batch_size: int | None = None,
-                seeds: int = 1, parameterization: str = "derived", device: str = "auto") -> SweepConfig:
-    """A sweep from the full or quick preset; every argument given explicitly wins over the preset."""
+def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None = None,
+                widths: Sequence[int] | None = None, lrs: Sequence[float] | None = None, steps: int | None = None,
+                batch_size: int | None = None, seeds: int = 1, parameterization: str = "derived",
+                device: str = "auto") -> SweepConfig:
+    """A sweep from the full or quick preset; every argument given explicitly wins over the preset.
+
+    ``model``: ``mlp``, ``gpt``, ``FILE.py:FUNC[:TASK]`` or a :class:`~mupderive.verify.user.UserTask` (a model of
+    your own: its own init under the standard parameterization; the GPT's batch size and 32-token sequences on the
+    character corpus unless it brings its own batches).
+    """
     preset = QUICK if quick else FULL
-    kind = model or preset.model
-    spec = ModelSpec(kind, attn_scale="mup" if parameterization == "derived" else "standard")
-    if quick:
-        spec = replace(spec, depth=3, context=4, block_size=32)
+    if isinstance(model, str) and is_user_model(model):
+        model = load_task(model)
+    if isinstance(model, UserTask):
+        spec, kind = model, "gpt"
+    else:
+        kind = model or preset.model
+        if kind not in ("mlp", "gpt"):
+            raise MupError(f"--model {kind!r}: expected mlp, gpt or FILE.py:FUNC[:TASK]")
+        spec = ModelSpec(kind, attn_scale="mup" if parameterization == "derived" else "standard")
+        if quick:
+            spec = replace(spec, depth=3, context=4, block_size=32)
     if lrs is None:
         default = float(load_rule(rule).lr.default)
         lrs = [default * 2.0 ** k for k in preset.lr_offsets]
@@ -456,7 +476,7 @@ def command(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"transfer-{sweep.rule.name}-{sweep.config.parameterization}-{sweep.config.model.kind}"
+        stem = f"transfer-{sweep.rule.name}-{sweep.config.parameterization}-{sweep.config.model.name}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(train, title, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png", file=sys.stderr)

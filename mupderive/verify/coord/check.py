@@ -1,10 +1,13 @@
 """``mupderive coord-check``: train a real model a few steps at several widths and check every layer keeps its scale.
 
-For each seed and width the model (MLP or GPT, :mod:`coord_task`) is parameterized (:mod:`coord_setup`: the module
-generated from the derivation, or the standard parameterization), trained on the shipped corpus and measured on a
-fixed evaluation batch after every step (:mod:`coord_measure`). Slopes of log rms against log width are fitted over
-all seeds with a 95% interval (:mod:`coord_fit`) and judged (:mod:`coord_judge`); :mod:`coord_report` prints the
-table and writes JSON and plots.
+For each seed and width the model (the MLP, the GPT or one of your own, :mod:`task`) is parameterized
+(:mod:`setup`: the module generated from the derivation, or the standard parameterization), trained on its task and
+measured on a fixed evaluation batch after every step (:mod:`measure`: every layer :mod:`layers` records, attention
+logits included). Slopes of log rms against log width are fitted over all seeds with a 95% interval (:mod:`fit`)
+and judged (:mod:`judge`) into a :class:`~result.CoordCheck`; :mod:`report` writes JSON and plots.
+
+The base and delta the generated module compares against are the model built at the smallest width and at twice it
+on the meta device (no memory, no initialization), so any model whose shapes follow its width works unchanged.
 
 Learning rate: ``BASE_LR`` per built-in rule, the rate the check runs at on the base (smallest) width, where the
 derived and the standard parameterization coincide. They are the rules' defaults except SGD (1e-3 barely moves the
@@ -17,15 +20,16 @@ own runs at its declared default lr; ``--lr`` overrides.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from mupderive.analysis import first_step
@@ -33,54 +37,22 @@ from mupderive.derivation import Derivation, derive, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
-from mupderive.solver import Fix, parse_fix
-from mupderive.verify.coord_judge import NOT_ABOVE, Check, Expect, Targets, diagnose, judge
-from mupderive.verify.coord_measure import train_and_measure
-from mupderive.verify.coord_setup import Derived, Standard
-from mupderive.verify.coord_task import GPTTask, MLPTask, Task, layer_roles
+from mupderive.solver import Fix
+from mupderive.verify.coord.judge import Expect, Targets, diagnose, judge
+from mupderive.verify.coord.layers import forward_order, layer_roles
+from mupderive.verify.coord.measure import train_and_measure
+from mupderive.verify.coord.result import CoordCheck
+from mupderive.verify.coord.setup import Derived, Standard, generated_module, parameter_roles
+from mupderive.verify.coord.task import GPTTask, MLPTask, Task
 from mupderive.verify.data import load_corpus, split_corpus
-from mupderive.verify.models import base_shapes, roles
-from mupderive.verify.train import needs_graph, resolve_device
+from mupderive.verify.train import needs_graph
 
 BASE_LR = {"adafactor": 1e-2, "adam": 1e-3, "adam_atan2": 1e-3, "adamw": 1e-3, "adopt": 1e-3, "lamb": 1e-3,
            "lion": 1e-4, "muon": 1e-3, "rmsprop": 1e-4, "sgd": 3e-2, "shampoo": 1e-3, "signsgd": 1e-3,
            "sophia": 6e-2}
 TOLERANCE = 0.15
 EVAL_SEED = 12345
-
-
-@dataclass
-class CoordCheck:
-    """The measurements and verdicts of one coordinate check."""
-
-    rule: Rule
-    task: Task
-    parameterization: str
-    convention: str
-    widths: list[int]
-    steps: int
-    seeds: int
-    lr: float
-    tolerance: float
-    device: str
-    layers: dict[str, str]  # recorded layer -> role, in forward order
-    rms: np.ndarray  # [seed, width, step, layer, quantity]
-    loss: np.ndarray  # [seed, width, step]
-    targets: Targets
-    exponents: dict[str, dict[str, str]] | None  # derived: the exponents the generated module applied, per role
-    checks: list[Check] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def _repr_markdown_(self) -> str:
-        """Jupyter: the slope table per layer and checkpoint and the verdict (see ``coord_report.markdown_report``)."""
-        from mupderive.verify.coord_report import markdown_report
-
-        return markdown_report(self)
+PROBE_SEED = 7
 
 
 def _check_sizes(widths: list[int], steps: int, seeds: int, task: Task) -> list[int]:
@@ -99,6 +71,18 @@ def readout_init(derivation: Derivation) -> float:
     return float(rational(out.multiplier) + rational(out.init_std) + rational(out.fan_in) / 2)
 
 
+def init_targets(derivation: Derivation) -> dict[str, Expect]:
+    """Derived init slopes: the readout's exactly; a tied readout's between readout multiplier + embedding init +
+    1/2 (W h incoherent) and + 1 (coherent: the residual stream carries the tensor's own row of each input token)."""
+    targets = {"output": Expect("=", readout_init(derivation))}
+    tied = getattr(derivation, "tied", None)
+    if tied is not None:  # the residual stream holds the tensor's own rows: coherent for the input's own token
+        low = float(rational(tied.readout.multiplier) + rational(tied.embedding.init_std)
+                    + rational(derivation.layers["output"].fan_in) / 2)
+        targets["tied-out"] = Expect("in", low, low + 0.5)
+    return targets
+
+
 def standard_predictions(rule: Rule, task: Task, convention: str) -> dict[str, dict[str, float]]:
     """The engine's first-step exponents of the standard parameterization per layer (none for the GPT)."""
     chain = task.chain()
@@ -108,6 +92,39 @@ def standard_predictions(rule: Rule, task: Task, convention: str) -> dict[str, d
             for c in first_step(rule, chain, "standard", convention)}
 
 
+def _meta(task: Task, width: int) -> nn.Module:
+    """The model at ``width`` on the meta device: shapes only, no memory and no initialization."""
+    with torch.device("meta"):
+        return task.build(width)
+
+
+def _layers(task: Task, module: ModuleType, widths: list[int], eval_x: object, eval_y: torch.Tensor, device: str
+            ) -> tuple[dict[str, str], dict[str, str], nn.Module, nn.Module]:
+    """The recorded layers with their roles in forward order, the parameter roles, and the base and delta models.
+
+    One real model at the smallest width (on ``device``) runs the task's loss once: that checks the model and task
+    work together and gives the forward order; then the generated module classifies its parameters against the
+    meta-device base and delta (a real model, so layouts the module probes, such as Conv1D's, are read right).
+    """
+    base, delta = _meta(task, widths[0]), _meta(task, 2 * widths[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PROBE_SEED)
+        model = task.build(widths[0]).to(device)
+    try:
+        names = forward_order(model, lambda: task.loss(model, eval_x, eval_y))
+    except MupError:
+        raise
+    except Exception as exc:  # a model or task that does not run is bad input: one line
+        message = " ".join(str(exc).split())
+        raise MupError(f"{task.name}: the model at width {widths[0]} fails on an evaluation batch: "
+                       f"{type(exc).__name__}: {message}") from None
+    if not names:
+        raise MupError(f"{task.name}: the model has no layer the check records (Linear, Embedding, Conv1D, norms, "
+                       "attention)")
+    roles = parameter_roles(module, model, base, delta)
+    return layer_roles(model, roles, names), roles, base, delta
+
+
 def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, parameterization: str = "derived",
               widths: tuple[int, ...] | list[int] = (64, 128, 256, 512), steps: int = 5, seeds: int = 3,
               lr: float | None = None, tolerance: float = TOLERANCE, device: str = "cpu",
@@ -115,8 +132,10 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
               options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False) -> CoordCheck:
     """Run a coordinate check; ``rule`` may be a ready :class:`Derivation` (e.g. a deliberately altered one).
 
-    Seed ``first_seed + k`` trains on the k-th ``steps`` batches of one stream drawn from ``first_seed`` (the same
-    batches at every width) and, with the width, fixes the initialization.
+    ``task``: :class:`MLPTask` (default), :class:`GPTTask` or :class:`~mupderive.verify.user.UserTask` (your own
+    model, e.g. ``UserTask(build=lambda width: GPT2LMHeadModel(config_at(width)))``). Seed ``first_seed + k`` trains
+    on the k-th ``steps`` batches of one stream drawn from ``first_seed`` (the same batches at every width) and,
+    with the width, fixes the initialization.
     """
     start = time.perf_counter()
     task = task or MLPTask()
@@ -126,21 +145,24 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     lr = lr if lr is not None else BASE_LR.get(rule.name, float(rule.lr.default))
     if parameterization == "derived":
         derivation = derivation or derive(rule, convention, fixes, options)
-        setup = Derived(derivation, base_shapes(task, widths[0]), base_shapes(task, 2 * widths[0]), lr)
-        targets = Targets(Expect("=", readout_init(derivation)), None)
+        module = generated_module(derivation)
+        targets = Targets(init_targets(derivation), None)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
                      for role, layer in derivation.layers.items()}
     elif parameterization == "standard":
         if derivation is not None or fixes or options:
             raise MupError("a derivation, --fix and --set apply to the derived parameterization only")
+        setup = Standard(rule, lr)
+        module = generated_module(derive(rule, convention))  # only for the parameter roles
         task = replace(task, attn_scale="standard") if isinstance(task, GPTTask) else task
-        setup = Standard(rule, roles(task, widths[0]), lr)
-        targets, exponents = Targets(NOT_ABOVE, standard_predictions(rule, task, convention)), None
+        targets, exponents = Targets({}, standard_predictions(rule, task, convention)), None
     else:
         raise MupError(f"unknown parameterization {parameterization!r}; expected derived or standard")
-    layers = layer_roles(task, widths[0])
     train, val = split_corpus(load_corpus())
-    eval_x = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))[0]
+    eval_x, eval_y = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))
+    layers, roles, base, delta = _layers(task, module, widths, eval_x, eval_y, device)
+    setup = Derived(module, base, delta, lr) if parameterization == "derived" else setup
+    setup.bind(roles)
     rms = np.zeros((seeds, len(widths), steps + 1, len(layers), 4))
     loss = np.zeros((seeds, len(widths), steps))
     bar = tqdm(total=seeds * len(widths), desc=f"coord-check {rule.name} {task.name} {parameterization}",
@@ -156,33 +178,11 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
                     model = task.build(width)
                 model.to(device)
                 optimizer = setup.prepare(model, torch.Generator(device=device).manual_seed(init_seed))
-                run = train_and_measure(model, optimizer, list(layers), batches, eval_x, needs_graph(optimizer))
+                run = train_and_measure(model, optimizer, list(layers), batches, eval_x, needs_graph(optimizer),
+                                        task.loss)
                 rms[s, w], loss[s, w] = run.rms.numpy(), run.loss.numpy()
                 bar.update()
     checks = judge(rms, widths, layers, tolerance, targets)
     failures = diagnose(rms, widths, layers, checks, tolerance)
     return CoordCheck(rule, task, parameterization, convention, widths, steps, seeds, lr, tolerance, device, layers,
                       rms, loss, targets, exponents, checks, failures, time.perf_counter() - start)
-
-
-def _widths(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise MupError(f"--widths {text!r}: expected comma-separated integers, e.g. 64,128,256,512") from None
-
-
-def command(args: argparse.Namespace) -> int:
-    """The CLI entry: run, print the table and verdict, write JSON and plots to ``--out``; 0 iff every layer passes."""
-    from mupderive.commands import _options
-    from mupderive.verify.coord_report import text_report, write_outputs
-
-    task = GPTTask() if args.model == "gpt" else MLPTask()
-    result = run_check(args.rule, task, args.parameterization, _widths(args.widths), args.steps, args.seeds,
-                       args.lr, args.tolerance, resolve_device(args.device), args.convention,
-                       [parse_fix(text) for text in args.fix], _options(args.set), progress=True)
-    print(text_report(result))
-    if args.out:
-        for path in write_outputs(result, Path(args.out)):
-            print(f"wrote {path}")
-    return 0 if result.passed else 1

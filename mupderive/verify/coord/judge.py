@@ -11,7 +11,17 @@ judge and fails as inconclusive (more seeds or widths settle it), so noise never
 The readout is the exception the spectral condition allows: its init may be smaller than Theta(1) (derived:
 exactly the derivation's ``multiplier + init_std + 1/2``, e.g. n^-1/2 for the spectral readout init 1/fan_in), so
 its initial weights pass on a vanishing share of the change below; its activation and change must then not grow
-(slope <= 0 + tolerance + ci) while its own update must stay flat.
+(slope <= 0 + tolerance + ci) while its own update must stay flat. A tied readout (``tied-out``: the embedding's
+tensor producing the logits) is judged the same way, its init slope the tied derivation's readout multiplier +
+embedding init + 1/2.
+
+Attention logits (role ``attention``) own no weight, so have no own-update effect. ``s q.k`` sums head_dim terms:
+incoherently at init (~ head_dim^1/2), coherently once training has correlated q and k (~ head_dim), so under
+s = 1/head_dim the logits and their change lie between ~ head_dim^-1/2 and ~ 1, and under 1/sqrt(head_dim) between
+~ 1 and ~ head_dim^1/2. Their slopes must lie in [-1/2, 0] (within tolerance + CI): at practical widths the change is
+still in the crossover (Adam, 1-layer GPT, derived: -0.38 over head_dim 8..64, -0.24 over 16..128, -0.12 over
+64..512), so "flat" would fail every correct run, while growth (a scale too large) or a fall below the incoherent
+limit (too small) fails.
 
 Agreement with the engine is judged separately (``agrees``): for the derived parameterization the prediction is
 the target; for the standard parameterization on the MLP it is ``first_step``'s ``change`` and ``own`` exponents at
@@ -26,10 +36,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mupderive.verify.coord_fit import Slope, fit_slope
-from mupderive.verify.coord_measure import QUANTITIES
+from mupderive.verify.coord.fit import Slope, fit_slope
+from mupderive.verify.coord.measure import QUANTITIES
 
 JUDGED = ("activation", "change", "effect")
+READOUTS = ("output", "tied-out")
+
+
+def judged(role: str) -> tuple[str, ...]:
+    """The quantities judged after init for a role (attention logits own no weight, so have no effect)."""
+    return JUDGED[:2] if role == "attention" else JUDGED
 
 
 def checkpoints(rms: np.ndarray) -> dict[str, list[int]]:
@@ -48,44 +64,64 @@ def checkpoint_rms(rms: np.ndarray, steps: list[int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Expect:
-    """An expected slope: ``=`` value (within the tolerance), ``<=`` value, or a sign ``>``/``<`` beyond it."""
+    """An expected slope: ``=`` value (within the tolerance), ``<=`` value, a sign ``>``/``<`` beyond it, or ``in``
+    the interval [value, upper] (within the tolerance)."""
 
     relation: str
     value: float = 0.0
+    upper: float = 0.0
 
     def holds(self, s: Slope, tolerance: float) -> bool:
         if not s.finite:
             return False
         margin = tolerance + s.ci
         return {"=": abs(s.value - self.value) <= margin, "<=": s.value <= self.value + margin,
-                ">": s.value > self.value + tolerance, "<": s.value < self.value - tolerance}[self.relation]
+                ">": s.value > self.value + tolerance, "<": s.value < self.value - tolerance,
+                "in": self.value - margin <= s.value <= self.upper + margin}[self.relation]
+
+    def distance(self, value: float) -> float:
+        """How far ``value`` lies from what is expected (0 inside an interval), signed: > 0 above, < 0 below."""
+        if self.relation == "in":
+            return value - self.upper if value > self.upper else min(value - self.value, 0.0)
+        return value - self.value
 
     def __str__(self) -> str:
+        if self.relation == "in":
+            return f"{self.value:.3g}..{self.upper:.3g}"
         value = f"{self.value:.3g}"
         return value if self.relation == "=" else f"{self.relation} {value}"
 
 
 FLAT, NOT_ABOVE = Expect("="), Expect("<=")
+# attention logits: s q.k between its incoherent (head_dim^-1/2 under s = 1/head_dim) and coherent (flat) limits
+BETWEEN_LIMITS = Expect("in", -0.5, 0.0)
 
 
 @dataclass(frozen=True)
 class Targets:
     """What each slope should be.
 
-    ``readout_init``: the readout activation's slope at init (derived: the derivation's exponent; standard: at most
-    0). ``predictions``: None for the derived parameterization (the engine predicts the targets), else the
-    standard parameterization's first-step ``change`` and ``effect`` exponents per layer (empty for the GPT).
+    ``init``: the activation's slope at init of the roles that may start small (``output``, ``tied-out``,
+    ``attention``; derived: the derivation's exponent where it fixes one; at most 0 otherwise).
+    ``predictions``: None for the derived parameterization (the engine predicts the targets), else the standard
+    parameterization's first-step ``change`` and ``effect`` exponents per layer (empty for the GPT).
     """
 
-    readout_init: Expect
+    init: dict[str, Expect]
     predictions: dict[str, dict[str, float]] | None
+
+    @property
+    def readout_init(self) -> Expect:
+        return self.init.get("output", NOT_ABOVE)
 
     def target(self, role: str, quantity: str, checkpoint: str) -> Expect:
         """The width-stable target of one slope."""
-        if role != "output":
+        if role == "attention":
+            return BETWEEN_LIMITS
+        if role not in READOUTS:
             return FLAT
         if checkpoint == "init":
-            return self.readout_init
+            return self.init.get(role, NOT_ABOVE)
         return FLAT if quantity == "effect" else NOT_ABOVE
 
     def prediction(self, layer: str, role: str, quantity: str, checkpoint: str) -> Expect | None:
@@ -128,7 +164,7 @@ def judge(rms: np.ndarray, widths: list[int], layers: dict[str, str], tolerance:
     for checkpoint, steps in checkpoints(rms).items():
         values = checkpoint_rms(rms, steps)
         for index, (layer, role) in enumerate(layers.items()):
-            for quantity in ("activation",) if checkpoint == "init" else JUDGED:
+            for quantity in ("activation",) if checkpoint == "init" else judged(role):
                 s = fit_slope(widths, values[:, :, index, QUANTITIES.index(quantity)])
                 target = targets.target(role, quantity, checkpoint)
                 expected = targets.prediction(layer, role, quantity, checkpoint)
@@ -139,13 +175,13 @@ def judge(rms: np.ndarray, widths: list[int], layers: dict[str, str], tolerance:
 
 
 def _role_words(role: str) -> str:
-    return "vector (bias and gain)" if role == "vector" else role
+    return {"vector": "vector (bias and gain)", "tied": "tied embedding", "tied-out": "tied readout"}.get(role, role)
 
 
 def _excess(check: Check) -> float:
     """How far a failing slope is from its target, in units of slope (inf when not finite)."""
     s = check.slope
-    return abs(s.value - check.target.value) - s.ci if s.finite else np.inf
+    return abs(check.target.distance(s.value)) - s.ci if s.finite else np.inf
 
 
 def _moves(s: Slope, tolerance: float) -> bool:
@@ -181,7 +217,8 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
             failures.append((layer, f"{layer} ({role}): slope {s.value:+.2f} ± {s.ci:.2f} ({where}) is too noisy "
                                     f"to judge (95% CI wider than ±{2 * tolerance:g}): add seeds or widths"))
             continue
-        head = f"{layer} ({role}) {'blows up' if s.value > worst.target.value else 'vanishes'} as " \
+        grows = worst.target.distance(s.value) > 0
+        head = f"{layer} ({role}) {'blows up' if grows else 'vanishes'} as " \
                f"n^{s.value:+.2f} ({where})"
         index = names.index(layer)
         init = next(c for c in checks if c.layer == layer and c.checkpoint == "init")
@@ -192,7 +229,18 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
             gain = fit_slope(widths, values[:, :, column["effect"]] / values[:, :, column["input"]])
         below = next((name for name, _ in failures), None)
         if _moves(inp, tolerance):
-            cause = f"inherited: its input scales as n^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+            what = "q and k (rms(q) rms(k))" if role == "attention" else "its input"
+            cause = f"inherited: {what} scales as n^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+        elif role == "attention" and grows and below:
+            cause = f"inherited: the q and k changes grow with a change below ({below}), so the logits move too much " \
+                    "whatever their scale"
+        elif role == "attention" and grows:
+            cause = "the attention logit scale: s q.k grows while q and k keep their scale, so s is too large for " \
+                    "this width (training makes q.k a coherent sum of head_dim terms: s = 1/sqrt(head_dim) leaves " \
+                    "the logits growing as head_dim^(1/2); muP uses s = 1/head_dim)"
+        elif role == "attention":
+            cause = "the attention logit scale: s q.k vanishes faster than its incoherent limit while q and k keep " \
+                    "their scale, so s is too small for this width (muP uses s = 1/head_dim)"
         elif from_init:
             cause = f"its initialization: activations scale as n^{init.slope.value:+.2f} at step 0 (target " \
                     f"{init.target}) on a width-independent input, so the {_role_words(role)} init std (or " \

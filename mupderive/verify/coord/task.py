@@ -1,21 +1,25 @@
-"""The models a coordinate check trains and their data: an MLP on character contexts and a small GPT.
+"""The models a coordinate check trains and their data: an MLP on character contexts, a small GPT, or your own.
 
-A task builds its model at any width and draws batches from the shipped corpus. ``layer_roles`` gives each recorded
-layer the role :func:`mupderive.verify.models.roles` reads off its weight, and ``chain`` is the MLP's layer chain for
-the engine's first-step prediction (none exists for the GPT).
+A task builds its model at any width, draws batches from the shipped corpus and computes the training loss;
+``chain`` is the MLP's layer chain for the engine's first-step prediction (none exists for the GPT or a model of
+your own, :class:`mupderive.verify.user.UserTask`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from mupderive.errors import MupError
 from mupderive.verify.data import CharVocab, Device, char_batches, context_batches
-from mupderive.verify.models import GPT, MLP, layer_names, roles
+from mupderive.verify.models import GPT, MLP
+from mupderive.verify.train import loss_of
+from mupderive.verify.user import UserTask
 
 VOCAB = CharVocab().size
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -30,6 +34,7 @@ class MLPTask:
     batch_size: int = 32
     eval_size: int = 32
     name = "mlp"
+    chance = math.log(VOCAB)
 
     def build(self, width: int) -> nn.Module:
         return MLP(self.context * VOCAB, width, VOCAB, self.depth)
@@ -46,6 +51,13 @@ class MLPTask:
     def check_widths(self, widths: list[int]) -> None:
         """Every width is valid for the MLP."""
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Next-character cross-entropy."""
+        return loss_of(model, x, y)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class GPTTask:
@@ -59,6 +71,7 @@ class GPTTask:
     eval_size: int = 8
     attn_scale: str = "mup"
     name = "gpt"
+    chance = math.log(VOCAB)
 
     def build(self, width: int) -> nn.Module:
         return GPT(VOCAB, width, self.n_layer, self.n_head, self.block_size, self.attn_scale)
@@ -74,13 +87,12 @@ class GPTTask:
         if bad := [w for w in widths if w % self.n_head]:
             raise MupError(f"GPT widths must be multiples of n_head={self.n_head}; got {bad}")
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Next-character cross-entropy."""
+        return loss_of(model, x, y)
 
-Task = MLPTask | GPTTask
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def layer_roles(task: Task, width: int) -> dict[str, str]:
-    """``{layer name: role}`` for the recorded layers, the role of each layer's weight."""
-    with torch.device("meta"):
-        names = layer_names(task.build(width))
-    params = roles(task, width)
-    return {name: params[f"{name}.weight"] for name in names}
+Task = MLPTask | GPTTask | UserTask

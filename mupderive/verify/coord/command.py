@@ -1,0 +1,51 @@
+"""``mupderive coord-check``: the command line over :func:`~mupderive.verify.coord.check.run_check`.
+
+``--model`` is ``mlp``, ``gpt`` or ``FILE.py:FUNC[:TASK]`` (:mod:`mupderive.verify.user`). Exit status: 0 when every
+layer passes, 1 when one fails (each failing layer named with its slope and likely cause), 2 for bad input (one
+line on stderr, from :class:`~mupderive.errors.MupError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mupderive.errors import MupError
+from mupderive.solver import parse_fix
+from mupderive.verify.coord.check import run_check
+from mupderive.verify.coord.report import write_outputs
+from mupderive.verify.coord.result import text_report
+from mupderive.verify.coord.task import GPTTask, MLPTask, Task
+from mupderive.verify.train import resolve_device
+from mupderive.verify.user import load_task
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MupError(f"--widths {text!r}: expected comma-separated integers, e.g. 64,128,256,512") from None
+
+
+def task_of(model: str) -> Task:
+    """The task ``--model`` names: the built-in MLP or GPT, or a model of your own (``FILE.py:FUNC[:TASK]``)."""
+    if model == "mlp":
+        return MLPTask()
+    if model == "gpt":
+        return GPTTask()
+    return load_task(model)
+
+
+def command(args: argparse.Namespace) -> int:
+    """The CLI entry: run, print the table and verdict, write JSON and plots to ``--out``; 0 iff every layer passes."""
+    from mupderive.commands import _options
+
+    task = task_of(args.model)
+    result = run_check(args.rule, task, args.parameterization, _widths(args.widths), args.steps, args.seeds,
+                       args.lr, args.tolerance, resolve_device(args.device), args.convention,
+                       [parse_fix(text) for text in args.fix], _options(args.set), progress=True)
+    print(text_report(result))
+    if args.out:
+        for path in write_outputs(result, Path(args.out)):
+            print(f"wrote {path}")
+    return 0 if result.passed else 1
