@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
     p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE",
                    help="SQLite results store: finished runs are skipped, so an interrupted sweep resumes")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where runs train: one after another here (local), or one Ray task each (ray; needs "
+                        "pip install 'mupderive[ray]'); either way only this process writes the store")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="with --executor ray: join this cluster (auto, HOST:6379, ray://HOST:10001) instead of "
+                        "starting a local Ray instance sized to this machine")
     p.add_argument("--format", default="table", choices=["table", "json"], help="what to print")
     p.add_argument("--out", default=None, metavar="DIR", help="write the plot (PNG) and the JSON report here")
     return parser

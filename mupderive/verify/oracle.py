@@ -40,6 +40,7 @@ from mupderive.errors import MupError
 from mupderive.language.ir import names
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Implementation, Rule, Value
+from mupderive.verify.bf16 import float32_gemm
 from mupderive.verify.fit import Fit, fit_slope
 from mupderive.verify.interpret import Interpreter, Step, TermKey, term_key
 from mupderive.verify.synthetic import METRICS, Layer, dims, make_layer
@@ -53,6 +54,7 @@ EXACT = 1e-6  # relative (Frobenius) error of dW allowed between the interpreter
 APPROXIMATE = {
     "torch.optim.Muon": (0.6, "Newton-Schulz (5 quintic steps in bfloat16) maps singular values to about [0.7, 1.2] "
                               "and lifts bfloat16 rounding noise, where orthogonalize() is the exact polar factor"),
+    # (bfloat16 GEMM kernels themselves differ by up to ~3% in this update: AMX, ATen's generic loop, float32 ones)
 }
 PROBE = 1e-3  # starting value when balancing a hyperparameter whose default is 0
 # The lead the predicted larger term must have at the smallest width in every comparison a fixed hyperparameter
@@ -314,11 +316,14 @@ class Real:
         self.opt = construct(implementation, [self.param], values)
 
     def step(self, G: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+        """One step of the real optimizer; on a CPU without native bfloat16 GEMM (torch.optim.Muon's Newton-Schulz
+        runs in bfloat16) those products go through float32 kernels with the same rounding (:mod:`.bf16`)."""
         self.param.grad = G.clone()  # implementations may modify the gradient in place
-        if H is None:
-            self.opt.step()
-        else:
-            self.opt.step(hessian=[H.clone()])
+        with float32_gemm():
+            if H is None:
+                self.opt.step()
+            else:
+                self.opt.step(hessian=[H.clone()])
         return self.param.detach().clone()
 
 
