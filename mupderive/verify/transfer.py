@@ -29,6 +29,7 @@ from mupderive.derivation import derive
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.verify.data import load_corpus, split_corpus
+from mupderive.verify.executors import Executor, LocalExecutor, make_executor
 from mupderive.verify.store import Run, Store
 from mupderive.verify.train import (
     ModelSpec,
@@ -153,7 +154,7 @@ class Sweep:
             mup = self.generated.MuP(model, self.base, delta=self.delta)
             mup.initialize_()
         else:  # no library class: the generated optimizer with the model as its own base (every ratio 1)
-            mup = self.generated.MuP(model, model)
+            mup = self.generated.MuP(model, model, delta=model)  # delta=model: every parameter fixed, on purpose
         names = inspect.signature(mup.optimizer).parameters
         return mup.optimizer(**{name: lr for name in names if name == "lr" or name.endswith("_lr")})
 
@@ -194,24 +195,29 @@ def generated_source(rule) -> str:
 
 
 def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequence[tuple[int, float, int]] | None = None,
-              runner: Callable[[int, float, int], Run] | None = None) -> list[Run]:
+              runner: Callable[[int, float, int], Run] | None = None, executor: Executor | None = None) -> list[Run]:
     """Run every grid point (or only `points`) not yet in the store, committing each as it finishes; return the runs.
 
-    A point stored meanwhile by a concurrent process is skipped. `runner` replaces `sweep.run` (tests).
+    A point stored meanwhile by a concurrent process is skipped. `runner` replaces `sweep.run` (tests). `executor`
+    trains the points (default: here, one after another; :mod:`mupderive.verify.executors`); this process alone
+    writes the store, whatever executes.
     """
     from tqdm import tqdm
 
-    runner = runner or sweep.run
+    if runner is not None and executor is not None:
+        raise ValueError("run_sweep: pass a runner or an executor, not both")
+    executor = executor or LocalExecutor(runner)
     plan = sweep.plan() if points is None else list(points)
     keys = [sweep.key(*point) for point in plan]
     done = sum(store.has(key) for key in keys)
     with tqdm(total=len(plan), initial=done, unit="run", disable=not progress, dynamic_ncols=True,
               desc=f"{sweep.rule.name} {sweep.config.parameterization}") as bar:
-        for point, key in zip(plan, keys, strict=True):
-            if store.has(key):
-                continue
+        def started(point: tuple[int, float, int]) -> None:
             bar.set_postfix(width=point[0], lr=f"{point[1]:.3g}")
-            store.add(runner(*point))
+
+        pending = [point for point, key in zip(plan, keys, strict=True) if not store.has(key)]
+        for run in executor.runs(sweep, pending, lambda point: store.has(sweep.key(*point)), started):
+            store.add(run)
             bar.update()
     return store.runs(keys)
 
@@ -464,8 +470,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 def command(args: argparse.Namespace) -> int:
     """`mupderive transfer`: run (or resume) the sweep, print the table, write JSON and the plot to --out."""
     sweep = Sweep(config_from_args(args))
-    with Store(args.store) as store:
-        runs = run_sweep(sweep, store)
+    with make_executor(args.executor, args.ray_address) as executor, Store(args.store) as store:
+        runs = run_sweep(sweep, store, executor=executor)
     train = summarize(runs, sweep.config.widths, sweep.config.lrs, "train")
     result = report(sweep, runs, train)
     title = title_of(sweep)
