@@ -118,9 +118,10 @@ _LOGIT = float(Fraction(LOGIT_SCALE))
 _GRAD = {role: float(Fraction(e)) for role, e in GRAD_NORM.items()}
 _MATRIX_ROLES = ("input", "hidden", "output", *(["tied"] if "tied" in EXPONENTS else []))
 _ROLES = (*_MATRIX_ROLES, "vector", "fixed")
-_LAYOUTS = ("out_in", "in_out", "embedding")
+_LAYOUTS = ("out_in", "in_out", "embedding", "stacked_out_in", "stacked_in_out")
 _INIT_MODES = ("derived", "keep")
-_SCALE_ATTRIBUTES = ("scaling", "scale")
+_SCALE_ATTRIBUTES = ("scaling", "scale", "softmax_scale", "inv_norm_factor")
+_HEAD_DIMS = ("head_dim", "head_size", "attention_head_size")
 _HEAD_COUNTS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
 _QUERY_TOKENS = ("q", "query", "wq")
 _NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
@@ -206,15 +207,20 @@ class MuP:
         self.multipliers = {name: self._factor(name, "multiplier") for name in params}
         self._init = {name: self._init_plan(name, param, tuple(base_shapes[name])) for name, param in params.items()}
         self._queries = _queries(model, self._uses) if zero_query else []
-        self._handles = [_install(path, module, layout, self._multiplier(name, layout))
+        self.embedding_scales = _embedding_scales(self._uses, base if isinstance(base, nn.Module) else None)
+        compensate = {path: before / now for path, (now, before) in self.embedding_scales.items()}
+        self._handles = [_install(path, module, layout, factor)
                          for name, uses in self._uses.items() for path, module, layout in uses
-                         if self._multiplier(name, layout) != 1.0]
+                         if (factor := self._multiplier(name, layout) * compensate.get(path.rpartition(".")[0], 1.0))
+                         != 1.0]
         self._scales = _attention(model, base if isinstance(base, nn.Module) else None, attention or {})
         self.attention = {name: (attribute, before, after) for name, (_, attribute, before, after)
                           in self._scales.items()}
         for module, attribute, _, after in self._scales.values():
             if attribute is not None:
                 setattr(module, attribute, after)
+        if isinstance(base, nn.Module):
+            _warn_width_dependent_config(model, base, {before for _, _, before, _ in self._scales.values()})
 
     def _factor(self, name: str, quantity: str) -> float:
         """ratio**E for one parameter's quantity (1.0 for fixed parameters and quantities its role lacks)."""
@@ -351,6 +357,9 @@ class MuP:
             named = " (readout= names it; it stays tied)" if name in self._readout_tied else ""
             lines.append(f"tied: {name} is shared by embedding {', '.join(embeddings)} and readout "
                          f"{', '.join(readouts)}; role {self.roles[name]}{named}")
+        for path, (now, before) in self.embedding_scales.items():
+            lines.append(f"embedding: {path} multiplies its output by {now:.4g} in forward ({before:.4g} in the "
+                         f"base): compensated by {before / now:.4g}")
         for name, (attribute, before, after) in self.attention.items():
             lines.append(f"attention: {name}.{attribute} {before:.4g} -> {after:.4g}" if attribute is not None else
                          f"attention: {name} rescaled by the attention callable")
@@ -473,16 +482,25 @@ def _use_layout(path: str, module: nn.Module, param: torch.Tensor) -> str:
 @torch.no_grad()
 def _probe(path: str, module: nn.Module, param: torch.Tensor) -> str:
     """The layout of a 2-D matrix held by a leaf module of another type, from one forward pass each way:
-    forward(x) - forward(0) equals x W^T (out_in) or x W (in_out, e.g. transformers' Conv1D)."""
+    forward(x) - forward(0) (or the first tensor of that shape a tuple output holds, as a router's logits) equals
+    x W^T (out_in) or x W (in_out, e.g. transformers' Conv1D). A matrix of 3 or more dimensions held by such a
+    module (a mixture of experts' stacked expert weights) is a stack of matrices over its leading axes, assumed
+    (..., out, in) (F.linear's) with a warning."""
+    if param.ndim >= 3:
+        hint = _entry(path, "'stacked_in_out'")
+        warnings.warn(f"{path}: a {type(module).__name__} holds a {tuple(param.shape)} tensor; taking it as a "
+                      f"stack of (out, in) matrices over its leading axes (as F.linear(x, W[e]) uses them). Pass "
+                      f"layouts={hint} if it is used as x @ W[e]", stacklevel=5)
+        return "stacked_out_in"
     if param.ndim == 2 and not param.is_meta and not any(module.children()):
         generator = torch.Generator().manual_seed(0)
         for layout, size in (("out_in", param.shape[1]), ("in_out", param.shape[0])):
             x = torch.randn(2, size, generator=generator).to(param)
+            want = x @ (param.T if layout == "out_in" else param)
             try:
-                y = module.forward(x) - module.forward(torch.zeros_like(x))
+                y = _shaped(module.forward(x), want.shape) - _shaped(module.forward(torch.zeros_like(x)), want.shape)
             except Exception:  # a module that does not take one tensor of that size: not this layout
                 continue
-            want = x @ (param.T if layout == "out_in" else param)
             if isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(
                     y, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
                 return layout
@@ -493,6 +511,13 @@ def _probe(path: str, module: nn.Module, param: torch.Tensor) -> str:
     return "out_in"
 
 
+def _shaped(output: Any, shape: torch.Size) -> Any:
+    """``output``, or the first tensor of ``shape`` in a tuple or list ``output`` (else the output unchanged)."""
+    if isinstance(output, tuple | list):
+        return next((t for t in output if isinstance(t, torch.Tensor) and t.shape == shape), output)
+    return output
+
+
 def _layout(uses: list[tuple[str, nn.Module, str]]) -> str:
     """A parameter's layout: its Embedding use's if it has one (a tied tensor), else its first use's."""
     layouts = [layout for _, _, layout in uses]
@@ -500,7 +525,11 @@ def _layout(uses: list[tuple[str, nn.Module, str]]) -> str:
 
 
 def _axes(layout: str, ndim: int) -> tuple[int, tuple[int, ...]]:
-    """(fan_out axis, fan_in axes) of a weight stored in ``layout``."""
+    """(fan_out axis, fan_in axes) of a weight stored in ``layout`` (a stacked one: of each matrix of the stack)."""
+    if layout == "stacked_out_in":
+        return ndim - 2, (ndim - 1,)
+    if layout == "stacked_in_out":
+        return ndim - 1, (ndim - 2,)
     if layout in ("embedding", "in_out"):
         return 1, (0, *range(2, ndim))
     return 0, tuple(range(1, ndim))
@@ -607,6 +636,10 @@ def _install(path: str, module: nn.Module, layout: str, multiplier: float) -> to
         return module.register_forward_hook(_scale_output(multiplier))
     if layout in ("out_in", "in_out"):
         return module.register_forward_pre_hook(_scale_input(multiplier))
+    if layout.startswith("stacked"):
+        raise ValueError(f"{path}: a stacked weight (a {type(module).__name__}'s) gets the forward multiplier "
+                         f"{multiplier:.4g}, which a hook on its module cannot apply to this one tensor alone: "
+                         f"scale it in the module's forward, or pass roles= to give it a role without one")
     raise ValueError(f"{path}: a forward multiplier applies to a matrix (an Embedding's, a linear map's or a "
                      f"convolution's weight), not to a {type(module).__name__}'s vector")
 
@@ -625,13 +658,92 @@ def _scale_output(multiplier: float) -> Callable[..., torch.Tensor]:
     return hook
 
 
+@torch.no_grad()
+def _output_factor(module: nn.Module | None) -> float | None:
+    """c where ``module.forward(ids) == c * F.embedding(ids, weight)`` (an Embedding that scales its output in its
+    forward, as Gemma's and BioGPT's do by sqrt(embedding_dim)); None when it cannot be measured (meta tensors, a
+    zero weight, an output not proportional to the lookup)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Embedding) or weight is None or weight.is_meta or module.max_norm is not None:
+        return None
+    ids = torch.arange(min(module.num_embeddings, 16), device=weight.device)
+    try:
+        out = module.forward(ids)
+    except Exception:  # an Embedding whose forward takes more than ids: nothing to measure
+        return None
+    plain = nn.functional.embedding(ids, weight)
+    norm = float((plain * plain).sum())
+    if not isinstance(out, torch.Tensor) or out.shape != plain.shape or norm == 0.0:
+        return None
+    factor = float((out * plain).sum()) / norm
+    close = torch.allclose(out, factor * plain, rtol=1e-3, atol=1e-5 * float(plain.abs().max()) * abs(factor))
+    return factor if close else None
+
+
+def _embedding_scales(uses: dict[str, list[tuple[str, nn.Module, str]]], base: nn.Module | None
+                      ) -> dict[str, tuple[float, float]]:
+    """{Embedding module: (its output factor, the base's)} for every Embedding subclass whose forward multiplies
+    the lookup by a factor that differs from the base's (a width-dependent constant such as sqrt(embedding_dim),
+    which the hooks then undo: the effective multiplier is the base's times ratio**E, like every other quantity).
+    Warns where the factor is not 1 and the base's is unknown (a shapes dict, or a base on the meta device)."""
+    bases = dict(base.named_modules()) if base is not None else {}
+    out = {}
+    for held in uses.values():
+        for path, module, layout in held:
+            if layout != "embedding" or type(module) in (nn.Embedding, nn.EmbeddingBag):
+                continue
+            prefix = path.rpartition(".")[0]
+            factor = _output_factor(module)
+            if factor is None or math.isclose(factor, 1.0, rel_tol=1e-6):
+                continue
+            before = _output_factor(bases.get(prefix))
+            if before is None:
+                warnings.warn(f"{prefix} ({type(module).__name__}) multiplies its output by {factor:.4g} in "
+                              f"forward, and the base's factor cannot be measured (a shapes dict or a meta-device "
+                              f"base): if it depends on width (sqrt(embedding_dim) = "
+                              f"{module.embedding_dim ** 0.5:.4g}), the embedding's scale drifts with it. Pass the "
+                              f"base as a real module to have it compensated", stacklevel=4)
+            elif not math.isclose(factor, before, rel_tol=1e-6):
+                out[prefix] = (factor, before)
+    return out
+
+
+def _warn_width_dependent_config(model: nn.Module, base: nn.Module, managed: set[float]) -> None:
+    """Warn naming every float setting of ``model.config`` (transformers' configs: to_dict) that differs from the
+    base's: a multiplier the model applies itself (Granite's embedding_multiplier, logits_scaling,
+    residual_multiplier) made width-dependent comes on top of the derived multipliers. Values that became an
+    attention scale MuP sets (from the base's value) are not named."""
+    def flat(config: Any, prefix: str = "") -> dict[str, Any]:
+        items = config.to_dict() if callable(getattr(config, "to_dict", None)) else config
+        out = {}
+        for key, value in items.items() if isinstance(items, dict) else ():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    mine, theirs = flat(getattr(model, "config", {})), flat(getattr(base, "config", {}))
+    for key, value in mine.items():
+        other = theirs.get(key)
+        if (isinstance(value, float) and isinstance(other, float) and not math.isclose(value, other, rel_tol=1e-9)
+                and not any(math.isclose(value, m, rel_tol=1e-9) for m in managed)):
+            warnings.warn(f"config.{key} is {value:.6g} here and {other:.6g} in the base: a width-dependent setting "
+                          f"the model applies itself (a multiplier in its forward, an init std), on top of the "
+                          f"derived parameterization. Build every width with the base's value unless that is meant",
+                          stacklevel=3)
+
+
 def _attention_modules(model: nn.Module) -> list[str]:
-    """Names of the attention modules: those with an integer head_dim attribute, and the innermost ones whose
-    class name contains "Attention" (a wrapper holding an attention module is not one itself)."""
+    """Names of the attention modules: those with an integer head dimension attribute (_HEAD_DIMS: head_dim,
+    head_size, attention_head_size), and the innermost ones whose class name contains "Attention" (a wrapper holding
+    an attention module is not one itself)."""
     found = [name for name, module in model.named_modules()
-             if _is_int(getattr(module, "head_dim", None)) or "Attention" in type(module).__name__]
+             if _head_dim(module) is not None or "Attention" in type(module).__name__]
     return [name for name in found if not any(other.startswith(f"{name}.") for other in found if other != name)
-            or _is_int(getattr(model.get_submodule(name), "head_dim", None))]
+            or _head_dim(model.get_submodule(name)) is not None]
+
+
+def _head_dim(module: nn.Module | None) -> int | None:
+    """A module's head dimension: its first integer attribute of _HEAD_DIMS, or None."""
+    return next((v for a in _HEAD_DIMS if _is_int(v := getattr(module, a, None))), None)
 
 
 def _is_int(value: object) -> bool:
@@ -657,9 +769,15 @@ def _attention(model: nn.Module, base: nn.Module | None, patterns: Mapping[str, 
             out[name] = (module, None, math.nan, math.nan)
         elif how is None:
             hint = _entry(name, "'attribute'")
+            head_dim = _head_dim(module)
+            alike = [a for a, v in vars(module).items() if isinstance(v, float) and head_dim is not None
+                     and math.isclose(v, head_dim ** -0.5, rel_tol=1e-6)]
+            named = (f" (its float attribute{'s' if len(alike) > 1 else ''} {', '.join(alike)} equal"
+                     f"{'' if len(alike) > 1 else 's'} head_dim**-1/2: name the one its forward uses)" if alike else
+                     " (it may compute the scale in forward, or use none)")
             warnings.warn(f"{name} ({type(module).__name__}) looks like attention but has no float "
                           f"{' or '.join(_SCALE_ATTRIBUTES)} attribute, so its logit scale is not set to "
-                          f"(head_dim / head_dim_base)**{LOGIT_SCALE}: pass attention={hint} or "
+                          f"(head_dim / head_dim_base)**{LOGIT_SCALE}{named}: pass attention={hint} or "
                           f"a callable fn(module, base_module, logit_scale)", stacklevel=3)
         elif (after := _logit_scale(name, module, bases.get(name), how)) is not None:
             out[name] = (module, how, float(getattr(module, how)), after)
@@ -674,17 +792,18 @@ def _scale_attribute(module: nn.Module) -> str | None:
 def _logit_scale(name: str, module: nn.Module, base: nn.Module | None, attribute: str) -> float | None:
     """base value * (head_dim / head_dim_base)**LOGIT_SCALE; without a base module, the value now when it already
     is head_dim**LOGIT_SCALE; otherwise None, with a warning."""
-    head_dim, value = getattr(module, "head_dim", None), getattr(module, attribute, None)
+    head_dim, value = _head_dim(module), getattr(module, attribute, None)
     where = f"{name} ({type(module).__name__})"
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ValueError(f"attention: {where} has no number {attribute!r} attribute (it holds {value!r})")
     if not _is_int(head_dim):
         hint = _entry(name, "fn(module, base_module, logit_scale)")
-        warnings.warn(f"{where}: no integer head_dim attribute, so {attribute} cannot follow the head_dim ratio; "
+        warnings.warn(
+            f"{where}: no integer {' / '.join(_HEAD_DIMS)} attribute, so {attribute} cannot follow the head_dim ratio; "
                       f"pass attention={hint}", stacklevel=4)
         return None
-    if base is not None and _is_int(getattr(base, "head_dim", None)) and hasattr(base, attribute):
-        return getattr(base, attribute) * (head_dim / base.head_dim) ** _LOGIT
+    if base is not None and _head_dim(base) is not None and hasattr(base, attribute):
+        return getattr(base, attribute) * (head_dim / _head_dim(base)) ** _LOGIT
     if math.isclose(value, head_dim ** _LOGIT, rel_tol=1e-6):
         return value
     warnings.warn(f"{where}: the base is not a module, so the base value of {attribute} is unknown and it stays "
@@ -721,8 +840,8 @@ def _query_rows(attention: nn.Module, child: nn.Module, params: list[tuple[torch
     size = weight.shape[out_axis]
     if fused:
         heads = next((getattr(attention, a) for a in _HEAD_COUNTS if _is_int(getattr(attention, a, None))), None)
-        head_dim = getattr(attention, "head_dim", None)
-        query = heads * head_dim if heads and _is_int(head_dim) else math.prod(weight.shape[a] for a in in_axes)
+        head_dim = _head_dim(attention)
+        query = heads * head_dim if heads and head_dim is not None else math.prod(weight.shape[a] for a in in_axes)
         if query >= size:
             return []
         size = query

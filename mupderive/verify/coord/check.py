@@ -6,8 +6,10 @@ measured on a fixed evaluation batch after every step (:mod:`measure`: every lay
 logits included). Slopes of log rms against log width are fitted over all seeds with a 95% interval (:mod:`fit`)
 and judged (:mod:`judge`) into a :class:`~result.CoordCheck`; :mod:`report` writes JSON and plots.
 
-The base and delta the generated module compares against are the model built at the smallest width and at twice it
-on the meta device (no memory, no initialization), so any model whose shapes follow its width works unchanged.
+The base the generated module compares against is the model built at the smallest width (a real one on the CPU, as a
+user passes it: values its modules hold, such as an embedding's output factor, are read from it), the delta the
+model at twice that width on the meta device (shapes only), so any model whose shapes follow its width works
+unchanged.
 
 Learning rate: ``BASE_LR`` per built-in rule, the rate the check runs at on the base (smallest) width, where the
 derived and the standard parameterization coincide. They are the rules' defaults except SGD (1e-3 barely moves the
@@ -104,12 +106,15 @@ def _layers(task: Task, module: ModuleType, widths: list[int], eval_x: object, e
 
     One real model at the smallest width (on ``device``) runs the task's loss once: that checks the model and task
     work together and gives the forward order; then the generated module classifies its parameters against the
-    meta-device base and delta (a real model, so layouts the module probes, such as Conv1D's, are read right).
+    base (real, on the CPU) and the meta-device delta (a real model, so layouts the module probes, such as Conv1D's,
+    are read right).
     """
-    base, delta = _meta(task, widths[0]), _meta(task, 2 * widths[0])
+    delta = _meta(task, 2 * widths[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PROBE_SEED)
         model = task.build(widths[0]).to(device)
+        base = task.build(widths[0])  # real (on the CPU), as a user passes it: values such as a scaled embedding's
+        # factor (Gemma's sqrt(hidden), a buffer) are measured on it
     try:
         names = forward_order(model, lambda: task.loss(model, eval_x, eval_y))
     except MupError:
