@@ -168,3 +168,21 @@ def test_the_coordinate_check_passes_on_a_model_that_scales_its_embedding():
     from mupderive.verify.coord import UserTask, run_check
     result = run_check("adam", UserTask(build=gemma), widths=(64, 128, 256, 512), steps=5, seeds=2)
     assert result.passed, result.failures
+
+
+def neox(width: int) -> nn.Module:
+    return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=width, num_hidden_layers=1, num_attention_heads=HEADS,
+                                            intermediate_size=4 * width, max_position_embeddings=32, **IDS))
+
+
+def test_zero_query_does_not_zero_a_whole_query_key_value_projection():
+    """query_key_value names the query and the key and value: a fused projection, of which only the query width is
+    zeroed, with a warning that names the layout it assumes (GPT-NeoX interleaves per head)."""
+    model = built(neox, WIDTH)
+    with pytest.warns(UserWarning, match=r"query_key_value is a fused projection; zeroing its first 64 of 192"):
+        p = module().MuP(model, built(neox, BASE), zero_query=True, init="keep")
+    p.initialize_()
+    qkv = model.gpt_neox.layers[0].attention.query_key_value.weight
+    assert torch.all(qkv[:WIDTH] == 0) and torch.all(qkv[WIDTH:] != 0)
+    assert module()._query_only("q_proj") and not module()._query_only("query_key_value")
+    assert not module()._query_only("qkv_proj") and not module()._query_only("Wqkv")

@@ -272,9 +272,11 @@ class MuP:
         value is the base init); not idempotent, so a second call raises.
 
         zero_query=True: then the query projection of every attention module is zeroed (weight rows and bias):
-        a child whose name has a token q, query or wq (q_proj, query, to_q, q_attn) entirely; else, in a fused
-        projection (a child with more outputs than the query width: heads x head_dim from num_heads / n_head /
-        n_heads / num_attention_heads, else its fan_in), the first query-width outputs.
+        a child whose name has a token q, query or wq and none of k, key, v, value, kv (q_proj, query, to_q,
+        q_attn; not query_key_value) entirely; else, in a fused projection (a child with more outputs than the
+        query width: heads x head_dim from num_heads / n_head / n_heads / num_attention_heads, else its fan_in),
+        the first query-width outputs, with a warning (right for a [q | k | v] layout, as GPT-2's c_attn, not for
+        one interleaved per head, as GPT-NeoX's and Bloom's query_key_value).
 
         ``generator`` (on the parameters' device) makes the draw reproducible.
         """
@@ -825,13 +827,29 @@ def _queries(model: nn.Module, uses: dict[str, list[tuple[str, nn.Module, str]]]
         attention = model.get_submodule(name)
         children = [(child_name, child, [(p, layout[(id(child), local)]) for local, p in child.named_parameters(
             recurse=False)]) for child_name, child in attention.named_children()]
-        named = [c for c in children if set(re.split(r"[^a-z0-9]+", c[0].lower())) & set(_QUERY_TOKENS)]
-        for _, child, params in named or children:
-            out += _query_rows(attention, child, params, fused=not named)
+        named = [c for c in children if _query_only(c[0]) and any(p.ndim >= 2 for p, _ in c[2])]
+        for child_name, child, params in named or children:
+            rows = _query_rows(attention, child, params, fused=not named)
+            if rows and not named:
+                size, total = rows[0][2], rows[0][0].shape[rows[0][1]]
+                warnings.warn(f"zero_query: {name}.{child_name} is a fused projection; zeroing its first {size} of "
+                              f"{total} outputs, which are the query only if it is laid out [q | k | v] (GPT-2's "
+                              f"c_attn, MPT's Wqkv), not per head [q_h k_h v_h] (GPT-NeoX's, Bloom's, Persimmon's "
+                              f"query_key_value) or per group (Falcon's): check the layout, or zero the query rows "
+                              f"yourself", stacklevel=3)
+            out += rows
     if not out:
         warnings.warn("zero_query=True found no query projection (see MuP.initialize_); nothing will be zeroed",
                       stacklevel=3)
     return out
+
+
+def _query_only(name: str) -> bool:
+    """Whether a child's name marks a query projection alone: a token q, query or wq and no key or value token
+    (``query_key_value``, ``qkv_proj`` and ``Wqkv`` are fused projections)."""
+    tokens = set(re.split(r"[^a-z0-9]+", name.lower()))
+    return bool(tokens & set(_QUERY_TOKENS)) and not tokens & {"k", "key", "v", "value", "kv", "qkv"} and not any(
+        t.startswith(("qkv", "wqkv")) or t.endswith("qkv") for t in tokens)
 
 
 def _query_rows(attention: nn.Module, child: nn.Module, params: list[tuple[torch.Tensor, str]], fused: bool
