@@ -24,6 +24,7 @@ examples:
   mupderive derive adamw --convention mup-package --format json
   mupderive explain lamb --layer hidden        # the derivation step by step
   mupderive compare adam table8.json           # is a published table the same parameterization?
+  mupderive analyze adam --parameterization sp --alignment none   # largest stable lrs in SP (Everett et al.)
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
@@ -105,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     _rule_arg(p)
     p.add_argument("table", metavar="TABLE.json", help="the exponents to check")
     p.add_argument("--format", default="table", choices=["table", "json"])
+
+    p = sub.add_parser("analyze", help="largest stable lrs under any parameterization and alignment",
+                       formatter_class=fmt,
+                       description="Everett et al.'s analysis for any rule: per role, the exponent E of the largest "
+                                   "stable learning rate (lr ~ n^E), the layer's output change there (0: it learns "
+                                   "features; below: lazy), the change with one lr for every layer, every "
+                                   "scale-carrying hyperparameter balanced at that parameterization's gradient (a "
+                                   "fixed eps underflows where its exponent is negative), and whether the "
+                                   "parameterization is muP moved along the abc-symmetry. The update direction "
+                                   "comes from the rule's calculus; the alignment sets how coherently each of a "
+                                   "layer's three output-change terms sums over its fan_in.")
+    _rule_arg(p)
+    p.add_argument("--parameterization", default="sp", metavar="sp|ntk|mup|mfp|TABLE.json",
+                   help="Everett et al.'s SP, NTK, muP or MFP, or a JSON file {ROLE: {\"multiplier\": E, "
+                        "\"init_std\": E}} for input, hidden, output (vector optional) (default: sp)")
+    p.add_argument("--alignment", default="full", metavar="full|none|TABLE.json",
+                   help="full (coherent updates), none (incoherent), or a JSON file {ROLE: {\"own\": k, "
+                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1] (default: full)")
+    p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"])
 
     p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,
                        description="Render the templates into one Python module that applies the derived rules "
@@ -193,6 +213,7 @@ COMMANDS = {
     "derive": "mupderive.commands:derive",
     "explain": "mupderive.commands:explain",
     "compare": "mupderive.commands:compare_table",
+    "analyze": "mupderive.commands:analyze",
     "generate": "mupderive.codegen.generate:command",
     "oracle": "mupderive.verify.oracle:command",
     "coord-check": "mupderive.verify.coord.command:command",

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 from fractions import Fraction
+from pathlib import Path
 
 from mupderive.derivation import Derivation
 from mupderive.derivation import derive as derive_rule
@@ -87,3 +88,26 @@ def compare_table(args: argparse.Namespace) -> int:
     else:
         print(report(d, entries))
     return 0 if all(e.agrees for e in entries) else 1
+
+
+def _table_arg(text: str, what: str) -> str | dict:
+    """A named choice, or the JSON table in the file ``text``."""
+    if not text.endswith(".json"):
+        return text
+    try:
+        table = json.loads(Path(text).read_text())
+    except (OSError, ValueError) as exc:
+        raise MupError(f"--{what} {text}: {exc}") from None
+    if not isinstance(table, dict):
+        raise MupError(f"--{what} {text}: expected a JSON object of roles")
+    return table
+
+
+def analyze(args: argparse.Namespace) -> int:
+    from mupderive.analysis import analyze as analyze_rule
+    from mupderive.render import analysis_table
+
+    result = analyze_rule(load_rule(args.rule), _table_arg(args.parameterization, "parameterization"),
+                          _table_arg(args.alignment, "alignment"))
+    print(json.dumps(result.to_json(), indent=2) if args.format == "json" else analysis_table(result, args.format))
+    return 0

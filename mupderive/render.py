@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import sympy
 
 if TYPE_CHECKING:  # the derivation renders itself through this module: no import back at run time
+    from mupderive.analysis import Analysis
     from mupderive.derivation import Derivation
 
 KNOB_COLUMNS = ("multiplier", "init_std", "lr")
@@ -135,3 +136,31 @@ def rules_table(rows: list[dict[str, str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
                      for r in table)
 
+
+
+def analysis_table(a: Analysis, fmt: str = "table") -> str:
+    """``mupderive analyze``: per role the largest stable lr, the change there and with one lr, and the
+    hyperparameters, as a terminal table, markdown or LaTeX (exponents of n)."""
+    hypers = list(dict.fromkeys(h for layer in a.layers.values() for h in layer.hyper))
+    head = ["role", "multiplier", "init_std", "lr", "feature_update", "at_global_lr", "muP shift", *hypers]
+    rows = []
+    for role, x in a.layers.items():
+        cells = [x.multiplier, x.init_std, x.lr, x.feature_update, x.at_global_lr, x.mup_shift,
+                 *(x.hyper.get(h) for h in hypers)]
+        rows.append([role, *("-" if c is None else str(c) for c in cells)])
+    title = (f"{a.rule.name} under {a.parameterization}, {a.alignment} alignment: largest stable lr ~ n^E per role; "
+             f"one lr for all: n^{a.global_lr}; muP-equivalent: {'yes' if a.mup_equivalent else 'no'}")
+    if fmt == "markdown":
+        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    elif fmt == "latex":
+        body = [" & ".join([f"\\textrm{{{row[0]}}}", *(f"$n^{{{c}}}$" if c != "-" else "-" for c in row[1:])])
+                + " \\\\" for row in rows]
+        lines = [f"% {title}", "\\begin{tabular}{l" + "c" * (len(head) - 1) + "}",
+                 " & ".join(f"\\textrm{{{h.replace('_', chr(92) + '_')}}}" for h in head) + " \\\\", "\\hline",
+                 *body, "\\end{tabular}"]
+    else:
+        widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
+        lines = [title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                           for r in [head, *rows]]
+    return "\n".join(lines + [f"note: {n}" for n in a.notes])
