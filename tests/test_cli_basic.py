@@ -23,10 +23,11 @@ CORE_OPTIONS = {
     "derive": ["RULE", "--convention", "--fix", "--set", "--format"],
     "explain": ["RULE", "--convention", "--layer", "--format"],
     "compare": ["RULE", "TABLE.json", "--format"],
+    "analyze": ["RULE", "--parameterization", "--alignment", "--format"],
     "generate": ["RULE", "--output"],
     "oracle": ["RULE", "--widths", "--device", "--steps", "--tolerance", "--out"],
     "coord-check": ["RULE", "--widths", "--model", "--steps", "--seeds", "--parameterization"],
-    "transfer": ["RULE", "--widths", "--model", "--lrs", "--store"],
+    "transfer": ["RULE", "--widths", "--model", "--lrs", "--store", "--executor", "--ray-address"],
 }
 
 
