@@ -22,7 +22,7 @@ from fractions import Fraction
 from mupderive.calculus.evaluate import Layer
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.value import Frame, Value
-from mupderive.derivation import LayerDerivation, derive, rational
+from mupderive.derivation import LayerDerivation, derive, rational, rule_flags
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
@@ -89,7 +89,7 @@ def first_step(rule: Rule | str, chain: list[tuple[str, str]], parameterization:
         applied = rule if role in rule.applies_to else fallback
         layer = make_layer(role, k.multiplier, k.init_std)
         layer = Layer(layer.role, o, i, k.multiplier, k.init_std, layer.vector, ZERO if role == "output" else shift)
-        flags = {h.name: h.default for h in applied.hypers if isinstance(h.default, bool)}
+        flags = rule_flags(applied)
         pins = {name: None if applied.hyper(name).default == 0 else e for name, e in k.hyper.items()}
         outcome = evaluate(applied, layer, flags, pins, balance=False)  # a hyperparameter set to 0 is absent
         effect = Frame({"o": o, "i": i}, Signs()).metric(outcome.direction, "effect")
@@ -225,20 +225,20 @@ def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, 
     # the largest stable lrs are the choice with the largest total (the LP over exponents: a larger readout lr
     # grows the gradient of every layer below it)
     choices = [_backward(table, aligns, applied, caps) for caps in itertools.product((False, True), repeat=2)]
-    delta, bound, steps = max(choices, key=lambda c: sum(Fraction(str(rational(c[1][r]))) for r in CHAIN))
+    delta, bound, steps = max(choices, key=lambda c: sum(rational(c[1][r]) for r in CHAIN))
     # forward: each layer's change with its own largest stable lr, and with one lr for all
     global_lr = signs.min(*bound.values())
     layers: dict[str, LayerAnalysis] = {}
     previous: tuple[Exp, Exp] | None = None
     for role in CHAIN:
         m, s = table[role]
-        o, i = (Exp(v) for v in FANS[role])
+        i = Exp(FANS[role][1])
         balanced, direction, rms, act = steps[role]
         k = aligns[role]
         cross_act = _action(direction, role, rms, k.cross)
         lr = bound[role]
-        if previous is not None and (limit := ZERO - m - cross_act - previous[0]) is not None:
-            lr = signs.min(lr, limit)
+        if previous is not None:  # the cross term dW dz binds too
+            lr = signs.min(lr, ZERO - m - cross_act - previous[0])
         terms, change = _terms(m, s, i, lr, act, cross_act, k, previous[0] if previous else None, signs)
         _, at_global = _terms(m, s, i, global_lr, act, cross_act, k, previous[1] if previous else None, signs)
         if terms["propagated"] is not None and signs.compare(terms["propagated"], ZERO) > 0:
@@ -285,7 +285,7 @@ def _step(rule: Rule, role: str, m: Exp, s: Exp, delta: Exp, k: Exp) -> tuple[Ba
     direction's entries and its action."""
     o, i = (Exp(v) for v in FANS[role])
     layer = Layer(role, o, i, m, s, role == "vector", delta + o)
-    flags = _bool_flags(rule)
+    flags = rule_flags(rule)
     balanced = balance_layer(rule, layer, flags)
     pins = {name: None if rule.hyper(name).default == 0 else e for name, e in balanced.hyper.items()}
     direction = evaluate(rule, layer, flags, pins, balance=False).direction
@@ -315,10 +315,6 @@ def _mup_shift(mup: LayerDerivation, m: Exp, s: Exp, lr: Exp) -> Exp | None:
     """theta with (m, s, lr) = (m_mu + theta, s_mu - theta, lr_mu - kappa theta), else None."""
     theta = m - mup.multiplier
     return theta if s == mup.init_std - theta and lr == mup.lr - mup.kappa * theta else None
-
-
-def _bool_flags(rule: Rule) -> dict[str, bool]:
-    return {h.name: h.default for h in rule.hypers if isinstance(h.default, bool)}
 
 
 def _exponent(value: object, where: str) -> Exp:

@@ -222,9 +222,9 @@ def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[F
         applied = rule if covered in rule.applies_to else fallback
         knobs = {f.knob: Exp(f.value) for f in fixes if f.role == role}
         m0 = CONVENTIONS[convention].get(role, Fraction(0))
-        results[role] = _derive_layer(applied, role, m0, knobs, _flags(applied, options), role_fans)
+        results[role] = _derive_layer(applied, role, m0, knobs, rule_flags(applied, options), role_fans)
     tied = derive_tied(results["input"], rule if "output" in rule.applies_to else fallback, options)
-    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, _flags(rule, options)), tied)
+    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, rule_flags(rule, options)), tied)
 
 
 def derive_tied(embedding: LayerDerivation, readout_rule: Rule | None, options: dict[str, bool] | None
@@ -238,7 +238,7 @@ def derive_tied(embedding: LayerDerivation, readout_rule: Rule | None, options: 
         return None
     o, i = (Exp(f) for f in FANS["output"])
     r = init_bound(o, i, ZERO, Signs()) - embedding.init_std
-    readout = _derive_layer(readout_rule, "output", Fraction(0), {"multiplier": r}, _flags(readout_rule, options),
+    readout = _derive_layer(readout_rule, "output", Fraction(0), {"multiplier": r}, rule_flags(readout_rule, options),
                             (o, i))
     conflicts = []
     if readout.rule != embedding.rule:
@@ -251,7 +251,8 @@ def derive_tied(embedding: LayerDerivation, readout_rule: Rule | None, options: 
     return TiedDerivation(embedding, readout, tuple(conflicts))
 
 
-def _flags(rule: Rule, options: dict[str, bool] | None) -> dict[str, bool]:
+def rule_flags(rule: Rule, options: dict[str, bool] | None = None) -> dict[str, bool]:
+    """The rule's boolean hyperparameters at their defaults, with ``options`` (``--set``) applied."""
     flags = {h.name: h.default for h in rule.hypers if isinstance(h.default, bool)}
     for name, value in (options or {}).items():
         if name in flags:
