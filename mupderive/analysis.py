@@ -226,6 +226,9 @@ def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, 
     # grows the gradient of every layer below it)
     choices = [_backward(table, aligns, applied, caps) for caps in itertools.product((False, True), repeat=2)]
     delta, bound, steps = max(choices, key=lambda c: sum(rational(c[1][r]) for r in CHAIN))
+    if (through := delta["input"] - delta["hidden"]) != ZERO:
+        notes.append(f"hidden: each hidden layer scales the backward gradient by n^{through}; this analysis has one "
+                     f"hidden layer, so deeper networks compound it")
     # forward: each layer's change with its own largest stable lr, and with one lr for all
     global_lr = signs.min(*bound.values())
     layers: dict[str, LayerAnalysis] = {}

@@ -106,3 +106,13 @@ def test_cli_json_tables_and_errors(tmp_path):
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     for fmt in ("table", "markdown", "latex"):
         assert "hidden" in run("sgd", "--format", fmt).stdout
+
+
+def test_a_parameterization_the_one_layer_chain_cannot_speak_for_says_so():
+    """Hidden weights with entries ~ 1: unstable at init, and the backward pass grows through every hidden layer."""
+    table = {"input": {"multiplier": 0, "init_std": 0}, "hidden": {"multiplier": 0, "init_std": 0},
+             "output": {"multiplier": 0, "init_std": "-1/2"}}
+    notes = " ".join(analyze("sgd", table).notes)
+    assert "each hidden layer scales the backward gradient by n^1/2" in notes
+    assert "hidden: the initial weights alone grow its output change as n^1/2" in notes
+    assert all(not analyze("adam", p, a).notes for p in EVERETT for a in ("full", "none"))
