@@ -28,6 +28,7 @@ import torch
 from mupderive.derivation import derive
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
+from mupderive.verify.coord.setup import parameter_roles
 from mupderive.verify.data import load_corpus, split_corpus
 from mupderive.verify.executors import Executor, LocalExecutor, make_executor
 from mupderive.verify.store import Run, Store
@@ -115,9 +116,8 @@ class Sweep:
             self.rule.implementation.cls is None else None
         with torch.device("meta"):  # base and delta: shapes only, as MuP compares against them
             self.base, self.delta = config.model.build(self.base_width), config.model.build(2 * self.base_width)
-        roles = self.module.MuP(self.base, self.base, delta=self.delta)
-        roles.remove()
-        self.hidden = {name for name, role in roles.roles.items() if role == "hidden"}
+        roles = parameter_roles(self.module, self.base, self.base, self.delta)
+        self.hidden = {name for name, role in roles.items() if role == "hidden"}
         if config.parameterization == "derived":
             self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width,
                                 "delta_width": 2 * self.base_width}

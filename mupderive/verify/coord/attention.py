@@ -38,13 +38,14 @@ def logits(query: torch.Tensor, key: torch.Tensor, scale: float | None) -> torch
     return (q @ k.transpose(-2, -1)) * scale
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of ``x``, accumulated in float32."""
     return torch.linalg.vector_norm(x, dtype=torch.float32) / x.numel() ** 0.5
 
 
 def _record(sink: Sink, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
     with torch.no_grad():
-        sink(logits(query, key, scale), _rms(query) * _rms(key))
+        sink(logits(query, key, scale), rms(query) * rms(key))
 
 
 def _patched_sdpa(real: Callable, sink: Sink) -> Callable:

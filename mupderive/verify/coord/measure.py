@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mupderive.verify.coord.attention import attention_logits
+from mupderive.verify.coord.attention import rms as _rms
 from mupderive.verify.coord.layers import ATTENTION
 from mupderive.verify.train import LossFn, forward, loss_of
 
@@ -133,10 +134,6 @@ def _tensor(output: Any) -> torch.Tensor:
 def _first_tensor(inputs: tuple[tuple, dict]) -> torch.Tensor | None:
     args, kwargs = inputs
     return next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
-
-
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dtype=torch.float32) / x.numel() ** 0.5
 
 
 def _with_weight(module: nn.Module, weight: torch.Tensor, inputs: tuple[tuple, dict]) -> torch.Tensor:
