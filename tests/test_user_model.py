@@ -171,6 +171,33 @@ def test_a_task_of_your_own_passes_derived_and_fails_standard():
     assert "hid" in {layer for layer, _ in standard.failures}
 
 
+class InlineAttention(nn.Module):
+    """softmax(q k^T) written out: no call the check can record."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.head_dim, self.qkv, self.proj = width, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / self.head_dim, -1) @ v)
+
+
+class InlineLM(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.wte, self.attn, self.head = nn.Embedding(96, width), InlineAttention(width), nn.Linear(width, 96)
+
+    def forward(self, idx):
+        return self.head(self.attn(self.wte(idx)))
+
+
+def test_attention_the_check_cannot_record_is_named():
+    with pytest.warns(UserWarning, match=r"attention logits of attn were not recorded"):
+        result = run_check("adam", UserTask(InlineLM), "derived", (32, 64, 128), steps=1, seeds=1)
+    assert "attention" not in result.layers.values()
+
+
 # -- the command line: --model FILE.py:FUNC ----------------------------------------------------------------------------
 MODEL_FILE = '''
 import torch

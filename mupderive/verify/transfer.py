@@ -114,8 +114,11 @@ class Sweep:
         self.module = import_source(source)
         self.generated = self.module if config.parameterization == "derived" or \
             self.rule.implementation.cls is None else None
-        with torch.device("meta"):  # base and delta: shapes only, as MuP compares against them
-            self.base, self.delta = config.model.build(self.base_width), config.model.build(2 * self.base_width)
+        with torch.random.fork_rng(devices=[]):  # the base is real, as a user passes it (and as the coordinate
+            torch.manual_seed(0)  # check builds it): values such as a scaled embedding's factor are read from it
+            self.base = config.model.build(self.base_width)
+        with torch.device("meta"):  # the delta: shapes only
+            self.delta = config.model.build(2 * self.base_width)
         roles = parameter_roles(self.module, self.base, self.base, self.delta)
         self.hidden = {name for name, role in roles.items() if role == "hidden"}
         if config.parameterization == "derived":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -130,6 +131,16 @@ def _layers(task: Task, module: ModuleType, widths: list[int], eval_x: object, e
     return layer_roles(model, roles, names), roles, base, delta
 
 
+def _warn_unrecorded_attention(layers: dict[str, str], attention: list[str]) -> None:
+    """Say so when the model has attention modules (as the generated module finds them) but none of their logits
+    were recorded: the verdict then says nothing about the logit scale."""
+    if attention and "attention" not in layers.values():
+        shown = ", ".join(attention[:3]) + (f" and {len(attention) - 3} more" if len(attention) > 3 else "")
+        warnings.warn(f"attention logits of {shown} were not recorded (only calls of torch.nn.functional."
+                      f"scaled_dot_product_attention and transformers' eager_attention_forward are): this check "
+                      f"does not test their logit scale", stacklevel=3)
+
+
 def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, parameterization: str = "derived",
               widths: tuple[int, ...] | list[int] = (64, 128, 256, 512), steps: int = 5, seeds: int = 3,
               lr: float | None = None, tolerance: float = TOLERANCE, device: str = "cpu",
@@ -166,6 +177,7 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     train, val = split_corpus(load_corpus())
     eval_x, eval_y = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))
     layers, roles, base, delta = _layers(task, module, widths, eval_x, eval_y, device)
+    _warn_unrecorded_attention(layers, module._attention_modules(base))
     setup = Derived(module, base, delta, lr) if parameterization == "derived" else setup
     setup.bind(roles)
     rms = np.zeros((seeds, len(widths), steps + 1, len(layers), 4))
