@@ -229,20 +229,21 @@ class MuP:
         self.multipliers = {name: self._factor(name, "multiplier") for name in params}
         self._init = {name: self._init_plan(name, param, tuple(base_shapes[name])) for name, param in params.items()}
         self._queries = _queries(model, self._uses) if zero_query else []
-        self.embedding_scales = _embedding_scales(self._uses, base if isinstance(base, nn.Module) else None)
+        base_module = base if isinstance(base, nn.Module) else None
+        self.embedding_scales = _embedding_scales(self._uses, base_module)
         compensate = {path: before / now for path, (now, before) in self.embedding_scales.items()}
         self._handles = [_install(path, module, layout, factor)
                          for name, uses in self._uses.items() for path, module, layout in uses
                          if (factor := self._multiplier(name, layout) * compensate.get(path.rpartition(".")[0], 1.0))
                          != 1.0]
-        self._scales = _attention(model, base if isinstance(base, nn.Module) else None, attention or {})
+        self._scales = _attention(model, base_module, attention or {})
         self.attention = {name: (attribute, before, after) for name, (_, attribute, before, after)
                           in self._scales.items()}
         for module, attribute, _, after in self._scales.values():
             if attribute is not None:
                 setattr(module, attribute, after)
-        if isinstance(base, nn.Module):
-            _warn_width_dependent_config(model, base, {before for _, _, before, _ in self._scales.values()})
+        if base_module is not None:
+            _warn_width_dependent_config(model, base_module, {before for _, _, before, _ in self._scales.values()})
 
     def _factor(self, name: str, quantity: str) -> float:
         """ratio**E for one parameter's quantity (1.0 for fixed parameters and quantities its role lacks)."""
@@ -328,10 +329,10 @@ class MuP:
         factors = [self._grad_factor(name) for name, _ in named]
         if not per_layer:
             return torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm * max(factors))
-        total = torch.nn.utils.get_total_norm([p.grad for _, p in named])
-        for (_, p), factor in zip(named, factors, strict=True):
-            torch.nn.utils.clip_grad_norm_([p], max_norm * factor)
-        return total
+        norms = [torch.nn.utils.get_total_norm([p.grad]) for _, p in named]  # each gradient's norm, computed once
+        for (_, p), factor, norm in zip(named, factors, norms, strict=True):
+            torch.nn.utils.clip_grads_with_norm_([p], max_norm * factor, norm)
+        return torch.nn.utils.get_total_norm(norms)
 
     def _grad_factor(self, name: str) -> float:
         """ratio**E_grad: how one parameter's gradient norm scales (1.0 for fixed parameters)."""
@@ -822,7 +823,7 @@ def _logit_scale(name: str, module: nn.Module, base: nn.Module | None, attribute
     where = f"{name} ({type(module).__name__})"
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ValueError(f"attention: {where} has no number {attribute!r} attribute (it holds {value!r})")
-    if not _is_int(head_dim):
+    if head_dim is None:
         hint = _entry(name, "fn(module, base_module, logit_scale)")
         warnings.warn(
             f"{where}: no integer {' / '.join(_HEAD_DIMS)} attribute, so {attribute} cannot follow the head_dim ratio; "
