@@ -228,3 +228,23 @@ def test_per_layer_clipping_uses_each_parameters_own_factor():
         want = min(1.0, limit / (grads[name].norm().item() + 1e-6))
         assert torch.allclose(param.grad, grads[name] * want, rtol=1e-5), name
     assert {p.roles[n] for n in grads} >= {"input", "hidden", "output", "vector"}
+
+
+def test_zero_query_names_attention_it_finds_no_query_in():
+    """One attention module with a q projection, one without: the second is named, not skipped silently."""
+    class WithQuery(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.head_dim, self.q_proj, self.o_proj = width, nn.Linear(width, width), nn.Linear(width, width)
+
+    class Opaque(nn.Module):  # an attention module holding its projection as a raw parameter
+        def __init__(self, width):
+            super().__init__()
+            self.head_dim, self.w = width, nn.Parameter(torch.randn(width, width))
+
+    def net(width):
+        return nn.ModuleDict({"a": WithQuery(width), "b": Opaque(width)})
+
+    mu = import_source(generate(derive("adamw")))
+    with pytest.warns(UserWarning, match=r"zero_query: no query projection found in b;"):
+        mu.MuP(net(16), net(8), zero_query=True)

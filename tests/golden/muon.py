@@ -885,8 +885,9 @@ def _queries(model: nn.Module, uses: dict[str, list[tuple[str, nn.Module, str]]]
     int]]:
     """(parameter, out axis, size) of every query projection's outputs to zero: see MuP.initialize_."""
     layout = {(id(module), path.rpartition(".")[2]): lay for held in uses.values() for path, module, lay in held}
-    out = []
+    out, missed = [], []
     for name in _attention_modules(model):
+        found = len(out)
         attention = model.get_submodule(name)
         children = [(child_name, child, [(p, layout[(id(child), local)]) for local, p in child.named_parameters(
             recurse=False)]) for child_name, child in attention.named_children()]
@@ -901,8 +902,13 @@ def _queries(model: nn.Module, uses: dict[str, list[tuple[str, nn.Module, str]]]
                               f"query_key_value) or per group (Falcon's): check the layout, or zero the query rows "
                               f"yourself", stacklevel=3)
             out += rows
+        if len(out) == found:
+            missed.append(name)
     if not out:
         warnings.warn("zero_query=True found no query projection (see MuP.initialize_); nothing will be zeroed",
+                      stacklevel=3)
+    elif missed:
+        warnings.warn(f"zero_query: no query projection found in {', '.join(missed)}; their queries are not zeroed",
                       stacklevel=3)
     return out
 
