@@ -47,10 +47,11 @@ def _convention_args(p: argparse.ArgumentParser) -> None:
                    help="choose a boolean option of the rule, e.g. --set nesterov=true (repeatable)")
 
 
-def _depth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--depth", action="store_true",
-                   help="also derive the exponents of the depth ratio L/L_base (residual branches times "
-                        "L^-alpha); implied by --branch-matrices and --alpha")
+def _depth_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
+    if flag:
+        p.add_argument("--depth", action="store_true",
+                       help="also derive the exponents of the depth ratio L/L_base (residual branches times "
+                            "L^-alpha); implied by --branch-matrices and --alpha")
     p.add_argument("--branch-matrices", type=int, default=None, metavar="K",
                    help="matrices stacked in one residual branch (default 2: alpha = 1, CompleteP; 1: alpha = 1/2, "
                         "Depth-muP)")
@@ -162,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.1, help="allowed |slope - prediction| (default: 0.1)")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and a log-log plot (PNG) here")
+    p.add_argument("--depths", default=None, metavar="L1,L2,...",
+                   help="instead of widths, train residual stacks of these depths (e.g. 2,4,8,16,32) at width 64 "
+                        "with the derived depth factors and fit the per-branch change (~ L^-1), the joint change of "
+                        "two matrices and the stream's change (~ L^0); also run width-only and the other alpha")
+    p.add_argument("--seeds", type=int, default=2, help="stacks per depth with --depths (default: 2)")
+    _depth_args(p, flag=False)
 
     p = sub.add_parser("coord-check", help="coordinate check on a real model", formatter_class=fmt,
                        description="Train a few steps at increasing widths with the generated module and check "

@@ -31,7 +31,7 @@ CONVENTIONS: dict[str, dict[str, Fraction]] = {
 }
 KNOBS = ("multiplier", "init_std", "lr")
 _FLOORS = {"sum", "max", "damping"}  # a larger hyperparameter is more active here (eps-like)
-_CEILINGS = {"min", "clip"}  # a smaller hyperparameter is more active here (clamp-like)
+CEILINGS = {"min", "clip"}  # a smaller hyperparameter is more active here (clamp-like)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _resolve(clash: Conflict, signs: Signs, notes: list[str], v: str = "n") -> E
     ops = {clash.first.op, clash.second.op}
     if ops <= _FLOORS:
         chosen, why = signs.min(have, clash.need), "the smaller exponent keeps it from dominating either"
-    elif ops <= _CEILINGS:
+    elif ops <= CEILINGS:
         chosen, why = signs.max(have, clash.need), "the larger exponent keeps it from binding in either"
     else:
         raise CalculusError(f"contradiction: {clash.hyper} must scale as {v}^{have} to balance {clash.first.text} "
@@ -230,7 +230,7 @@ def _dominance(comparison: Comparison, mine: Term, other: Term, v: str = "n") ->
     if mine.e.const == other.e.const:
         return f"{mine.text} stays balanced with {other.text}"
     larger = mine.e.const > other.e.const
-    if comparison.op in _CEILINGS:
+    if comparison.op in CEILINGS:
         if larger:
             return f"{mine.text} no longer binds in {comparison.text} {sizes}"
         return f"{mine.text} always binds in {comparison.text}: it saturates at {mine.text} {sizes}"

@@ -681,7 +681,11 @@ def plot(report: Report, path: Path) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """CLI entry: exit 0 when every check passes, 1 otherwise."""
+    """CLI entry: exit 0 when every check passes, 1 otherwise (``--depths``: the residual-stack measurement)."""
+    if args.depths is not None:
+        from mupderive.verify import depth_stack
+
+        return depth_stack.command(args)
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
     except ValueError:
