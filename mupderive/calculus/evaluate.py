@@ -21,7 +21,7 @@ from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame, Part, Value, scalar
 from mupderive.errors import CalculusError
 from mupderive.language.check import PARAM_SHAPES, Checker
-from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, const_value
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, When, const_value
 from mupderive.language.printer import show_expr
 from mupderive.language.rule import Body, Hyper
 
@@ -142,7 +142,10 @@ class Evaluator:
         self.hypers = {h.name: h for h in hypers}
         self.order = [h.name for h in hypers]
         self.pinned, self.flags, self.balance = pinned, flags, balance
-        self.frame = Frame({"o": layer.o, "i": layer.i}, signs)
+        self.param_frame = Frame({"o": layer.o, "i": layer.i, "r": ZERO}, signs)
+        # transpose_wide: a wider-than-tall matrix runs the body on its transpose (rows = the longer side)
+        self.transposed = body.transpose_wide and not layer.vector and signs.compare(layer.o, layer.i) < 0
+        self.frame = Frame({"o": layer.i, "i": layer.o, "r": ZERO}, signs) if self.transposed else self.param_frame
         self.checker, self.metrics = _analysis(path, body, hypers, "vector" if layer.vector else "matrix")
         self.solved: dict[str, Exp] = {}
         self.solved_by: dict[str, Comparison] = {}
@@ -161,8 +164,8 @@ class Evaluator:
             "W": self.frame.merge(shape, weight),
             "H": Value(shape, (Part("dense", g_rms + g),)),
             "t": scalar(ZERO, True),
-            "fan_in": scalar(layer.i, True),
-            "fan_out": scalar(layer.o, True),
+            "fan_in": scalar(layer.o if self.transposed else layer.i, True),
+            "fan_out": scalar(layer.i if self.transposed else layer.o, True),
         }
         for name, hyper in self.hypers.items():
             if hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
@@ -185,11 +188,20 @@ class Evaluator:
             for stmt in self.body.compute:
                 env[stmt.target] = self.guard(stmt.value, env)
             direction = self.guard(self.body.direction, env)
+            if self.transposed:  # back to the parameter's orientation (norms and entries are unchanged)
+                direction = self.frame.transpose(Value(direction.shape[::-1], direction.parts))
             total = direction
             if self.body.decay is not None:
+                # after/proximal decay act on the updated weight: (W - lr U)(1 - lr d) = W(1 - lr d) - lr U (1 - lr d)
+                # and 1/(1 + lr d) likewise; lr d is width-independent at balance, so the factor on U is Theta(1)
+                # and the balance is that of decoupled decay
                 decay = self.guard(self.body.decay, env)
-                weight = self.frame.mul(decay, base["W"])
-                total = self.compare(self.body.decay_sum, "decay", "effect", [direction, weight])
+                body_frame, self.frame = self.frame, self.param_frame
+                try:
+                    weight = self.frame.mul(decay, base["W"])
+                    total = self.compare(self.body.decay_sum, "decay", "effect", [direction, weight])
+                finally:
+                    self.frame = body_frame
             new_states = {name: self.settle(env[name]) for name in states}
             snapshot = new_states
             if snapshot == previous:
@@ -233,6 +245,8 @@ class Evaluator:
         if isinstance(node, Cond):
             chosen = node.then if self.flags[node.flag] else node.orelse
             return self.expr(chosen, env)
+        if isinstance(node, When):  # steady scale: the larger of the two branches, whichever steps take which
+            return f.add(self.expr(node.then, env), self.expr(node.orelse, env))
         if isinstance(node, BinOp):
             return self.binop(node, env)
         assert isinstance(node, Call)
@@ -299,6 +313,11 @@ class Evaluator:
                 a = self.compare(node, "damping", "spec", [a, f.mul(args[2], Value(a.shape, (Part("eye", ZERO),)))],
                                  [texts[0], f"{texts[2]} * eye"])
             return f.matpow(self.settle(a), const_value(node.args[1]))
+        if fn == "eigbasis":
+            return f.basis(self.settle(args[0]), args[0].shape)
+        if fn in ("left_singular", "right_singular"):
+            side = args[0].shape[0] if fn == "left_singular" else args[0].shape[1]
+            return f.basis(self.settle(args[0]), (side, "r"))
         if fn == "orthogonalize":
             return f.orthogonalize(args[0])
         if fn in ("fro_norm", "spectral_norm", "rms", "mean"):
@@ -324,6 +343,8 @@ class Evaluator:
                 ) -> Value:
         """Combine ``values`` (a sum, max, min or clip), first balancing them if hyperparameters set them apart."""
         f = self.frame
+        if metric == "rms" and any(p.local for v in values for p in v.parts):
+            metric = "entry"  # a quantity in a basis' coordinates: compare its nonzero entries
         live = [v for v in values if not v.is_zero]
         if len(live) >= 2 and self.balance:
             self.balance_terms(node, op, metric, values, texts)
