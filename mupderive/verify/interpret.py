@@ -62,7 +62,11 @@ class Interpreter:
         self.terms = {}
         if self.body.transpose_wide and G.dim() == 2 and G.shape[0] < G.shape[1]:
             step = self._step(W.T, G.T, None if H is None else H.T)
-            return Step(step.W.T, step.values, step.terms, step.decay, step.skipped)
+            if self.body.decay_sum is not None:  # the decay compares effects on the parameter's own inputs
+                key = term_key("decay", self.body.decay_sum)
+                if key in step.terms:
+                    step.terms[key] = tuple(x.T for x in step.terms[key])
+            return Step(step.W.T.contiguous(), step.values, step.terms, step.decay, step.skipped)
         return self._step(W, G, H)
 
     def _step(self, W: torch.Tensor, G: torch.Tensor, H: torch.Tensor | None) -> Step:
