@@ -103,10 +103,11 @@ def test_minimal_rule_is_valid():
     direction("u if t % 10 == 0 else m"),
     direction("u if t <= 3 else -m"),
     edit(('decay = "eps"', 'decay = "eps"\ndecay_form = "proximal"')),
+    direction("lr * u"),
     edit(('direction = "u"', 'direction = "G @ right_singular(G, 2) @ right_singular(G, 2).T"'), VECTOR),
     edit(('direction = "u"', 'direction = "eigbasis(G @ G.T).T @ u @ eigbasis(G.T @ G)"'), VECTOR),
 ], ids=["cube-root", "power-16", "conditional", "unicode-comment", "vector-body", "crlf", "step-modulo", "step-less",
-        "proximal-decay", "singular-bases", "eigenbases"])
+        "proximal-decay", "lr-in-expression", "singular-bases", "eigenbases"])
 def test_perturbations_that_stay_valid(text):
     assert parse_rule(text, "ok.toml").name == "mini"
 
@@ -229,8 +230,7 @@ CASES = [
      "initial value reads 'm'", "state initial values may use only"),
     ("init-reads-t", edit(('"zeros(G)"', f'"zeros(G) * {MARK}t"')), "initial value reads 't'", ""),
     ("zeros-outside-init", direction(f"{MARK}zeros(G)"), "zeros() outside a state's initial value", ""),
-    ("lr-in-expression", direction(f"{MARK}lr * u"), "the learning rate cannot appear in expressions",
-     "the optimizer applies W <- W - lr * direction itself"),
+    ("lr-in-step-condition", direction(f"u if t * {MARK}lr < 1 else m"), "step condition reads 'lr'", "width-free"),
     # hyperparameters
     ("no-lr", edit(("[hyperparameters]", f"{MARK}[hyperparameters]"), ('role = "lr"', 'role = "scale"')),
      '0 hyperparameters have role "lr"', "exactly one learning rate"),

@@ -28,6 +28,9 @@ from mupderive.language.rule import Body, Hyper
 MAX_STEPS = 8  # steps simulated before states must have reached their steady scale
 
 
+LR_SYMBOL = "lr:"  # the learning-rate exponent, where a rule reads lr (solved for by the solver)
+
+
 def hyper_symbol(name: str) -> str:
     return f"hyper:{name}"
 
@@ -137,8 +140,10 @@ class Evaluator:
     """One evaluation of a body for one layer; see the module docstring."""
 
     def __init__(self, path: str, body: Body, hypers: tuple[Hyper, ...], layer: Layer, signs: Signs,
-                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool) -> None:
+                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool, lr: Exp | None = None
+                 ) -> None:
         self.path, self.body, self.layer, self.signs = path, body, layer, signs
+        self.lr = Exp.sym(LR_SYMBOL) if lr is None else lr  # lr read in expressions: constant over steps
         self.hypers = {h.name: h for h in hypers}
         self.order = [h.name for h in hypers]
         self.pinned, self.flags, self.balance = pinned, flags, balance
@@ -168,7 +173,9 @@ class Evaluator:
             "fan_out": scalar(layer.i if self.transposed else layer.o, True),
         }
         for name, hyper in self.hypers.items():
-            if hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
+            if hyper.role == "lr":
+                env[name] = scalar(self.lr, hyper.default >= 0)
+            elif hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
                 env[name] = scalar(ZERO, hyper.default >= 0) if hyper.default != 0 else Value((), ())
             elif hyper.role == "scale" and name in self.pinned and self.pinned[name] is None:
                 env[name] = Value((), ())  # pinned absent: the hyperparameter is set to 0
@@ -227,6 +234,11 @@ class Evaluator:
         try:
             return self.expr(expr, env)
         except (CalculusError, Undecidable) as exc:
+            if isinstance(exc, Undecidable) and LR_SYMBOL in exc.diff.symbols:
+                raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: which term "
+                                    f"is larger depends on the learning rate's own width exponent (lr is read "
+                                    f"here; mupderive solves for that exponent, assuming a constant lr), so this "
+                                    f"comparison cannot be closed before the learning rate is known") from None
             if isinstance(exc, Undecidable) and self.signs.assumptions:
                 raise  # symbolic fans: the caller splits cases
             raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {exc}") from None

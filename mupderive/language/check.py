@@ -159,14 +159,11 @@ class Checker:
 
     def name(self, node: Name) -> Shape:
         hyper = self.hypers.get(node.id)
-        if hyper is not None and hyper.role == "lr":
-            raise self.fail(node, "the learning rate cannot appear in expressions",
-                            "the optimizer applies W <- W - lr * direction itself")
         if hyper is not None and isinstance(hyper.default, bool | str):
             raise self.fail(node, f"option {node.id!r} cannot be used as a number",
                             "use it as a condition: `a if flag else b`")
         if node.id not in self.shapes:
-            known = sorted(set(self.shapes) - {h for h in self.hypers if self.hypers[h].role == "lr"})
+            known = sorted(self.shapes)
             raise self.fail(node, f"unknown name {node.id!r}", f"one of: {', '.join(known)}")
         return self.shapes[node.id]
 
