@@ -173,7 +173,7 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
         hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
                  for h in rule.scale_hypers}
         lr = layer.target - layer.m - update_norm(outcome, layer, signs)
-        return Balanced(layer, outcome, hyper, lr, notes)
+        return Balanced(layer, outcome, hyper, lr, notes + [f"assumed: {a}" for a in outcome.assumed])
     raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
 
 

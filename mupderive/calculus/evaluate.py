@@ -112,6 +112,7 @@ class Outcome:
     comparisons: list[Comparison]
     solved: dict[str, Exp]
     free: list[str] = field(default_factory=list)
+    assumed: tuple[str, ...] = ()  # what the calculus took for granted (e.g. the span a basis rotates)
 
 
 class Conflict(Exception):
@@ -155,6 +156,7 @@ class Evaluator:
         self.solved: dict[str, Exp] = {}
         self.solved_by: dict[str, Comparison] = {}
         self.comparisons: list[Comparison] = []
+        self.assumed: dict[str, str] = {}  # basis primitive -> the assumption made, at its first use
 
     # -- the layer's inputs ----------------------------------------------------------------------------------
     def inputs(self) -> dict[str, Value]:
@@ -215,7 +217,8 @@ class Evaluator:
                 free = sorted({s for v in env.values() for p in self.settle(v).parts for s in p.e.symbols})
                 values = {name: self.settle(value) for name, value in env.items()}
                 return Outcome(values, self.settle(direction), self.settle(total), self.comparisons,
-                               dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")])
+                               dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")],
+                               tuple(self.assumed.values()))
             previous, states = snapshot, new_states
         grown = [n for n in states if previous and previous.get(n) != states.get(n)]
         raise CalculusError(f"{self.path}: state {', '.join(grown) or '?'} has no steady width scale: it keeps "
@@ -325,6 +328,12 @@ class Evaluator:
                 a = self.compare(node, "damping", "spec", [a, f.mul(args[2], Value(a.shape, (Part("eye", ZERO),)))],
                                  [texts[0], f"{texts[2]} * eye"])
             return f.matpow(self.settle(a), const_value(node.args[1]))
+        if fn in ("eigbasis", "left_singular", "right_singular"):
+            self.assumed.setdefault(fn, f"{self.path}:{node.loc.line}:{node.loc.col}: "
+                                    f"{show_expr(node)} is taken to span the gradients it rotates (its leading "
+                                    f"vectors hold the batch span, as when every batch comes from one span like the "
+                                    f"oracle's synthetic layer); a gradient component outside them would spread over "
+                                    f"the other basis vectors and be normalised Adam-like there")
         if fn == "eigbasis":
             return f.basis(self.settle(args[0]), args[0].shape)
         if fn in ("left_singular", "right_singular"):
