@@ -16,7 +16,16 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, Term, hyper_symbol
+from mupderive.calculus.evaluate import (
+    LR_SYMBOL,
+    Comparison,
+    Conflict,
+    Evaluator,
+    Layer,
+    Outcome,
+    Term,
+    hyper_symbol,
+)
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.errors import CalculusError, MupError
@@ -83,22 +92,45 @@ def update_norm(outcome: Outcome, layer: Layer, signs: Signs) -> Exp:
     return spec
 
 
+def spectral_lr(layer: Layer, spec: Exp, path: str) -> Exp:
+    """``lr = (o - i)/2 - m - spec(U)``; where the rule reads lr, ``spec(U) = a + b lr`` and the fixed point is
+    ``lr = ((o - i)/2 - m - a) / (1 + b)`` (lr assumed constant over steps)."""
+    b = spec.coefficient(LR_SYMBOL)
+    if b == 0:
+        return layer.target - layer.m - spec
+    if b == -1:
+        raise CalculusError(f"{path}: the {layer.role} update's spectral norm scales as 1/lr: no learning rate "
+                            f"meets the spectral condition")
+    return (layer.target - layer.m - spec.subs({LR_SYMBOL: ZERO})) / (1 + b)
+
+
 _MEMO: dict[tuple, Outcome] = {}
 
 
 def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, Exp], balance: bool,
-             signs: Signs | None = None) -> Outcome:
-    """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations)."""
+             signs: Signs | None = None, lr: Exp | None = None) -> Outcome:
+    """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations). Where
+    the rule reads lr, its exponent is ``lr`` if given, else first a symbol, solved from the spectral condition, then
+    substituted."""
+    outcome = _evaluate(rule, layer, flags, pins, balance, signs, lr)
+    spec = Frame({"o": layer.o, "i": layer.i}, signs or Signs()).metric(outcome.direction, "spec")
+    if spec is None or LR_SYMBOL not in spec.symbols:
+        return outcome
+    return _evaluate(rule, layer, flags, pins, balance, signs, spectral_lr(layer, spec, rule.path or rule.name))
+
+
+def _evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, Exp], balance: bool,
+              signs: Signs | None, lr: Exp | None) -> Outcome:
     body = rule.body(layer.role if layer.vector else "matrix")
     if signs is not None and signs.assumptions:
-        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance).run()
+        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance, lr).run()
     key = (rule.digest, layer, tuple(sorted(flags.items())), tuple(sorted(pins.items(), key=str)),
-           balance)
+           balance, lr)
     if key not in _MEMO:
         if len(_MEMO) > 4096:
             _MEMO.clear()
         _MEMO[key] = Evaluator(rule.path or rule.name, body, rule.hypers, layer, Signs(), pins, flags,
-                               balance).run()
+                               balance, lr).run()
     return _MEMO[key]
 
 
@@ -141,7 +173,7 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
         hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
                  for h in rule.scale_hypers}
         lr = layer.target - layer.m - update_norm(outcome, layer, signs)
-        return Balanced(layer, outcome, hyper, lr, notes)
+        return Balanced(layer, outcome, hyper, lr, notes + [f"assumed: {a}" for a in outcome.assumed])
     raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
 
 
@@ -192,8 +224,8 @@ def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags
         return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO, layer.variable), balanced.lr,
                       (balanced.lr - shifted.lr) / step, ())
     pins = dict(balanced.hyper) | {name: ZERO}
-    outcome = evaluate(rule, layer, flags, pins, False)
-    lr = layer.target - layer.m - update_norm(outcome, layer, Signs())
+    lr = layer.target - layer.m - update_norm(evaluate(rule, layer, flags, pins, False), layer, Signs())
+    outcome = evaluate(rule, layer, flags, pins, False, lr=balanced.lr)  # the step at the derived lr (what is run)
     kappa = (balanced.lr - shifted.lr) / step
     if lr != balanced.lr:  # a new regime: how does the update respond to rescaling the gradient there?
         shifted_pins = dict(shifted.hyper) | {name: ZERO}

@@ -55,6 +55,9 @@ APPROXIMATE = {
     "torch.optim.Muon": (0.6, "Newton-Schulz (5 quintic steps in bfloat16) maps singular values to about [0.7, 1.2] "
                               "and lifts bfloat16 rounding noise, where orthogonalize() is the exact polar factor"),
     # (bfloat16 GEMM kernels themselves differ by up to ~3% in this update: AMX, ATen's generic loop, float32 ones)
+    "pytorch_optimizer.GaLore": (1e-4, "the library takes the projection's SVD in float32 for float64 parameters "
+                                       "(singular vectors to ~1e-7); with that SVD in float32 the interpreter "
+                                       "matches it to 1e-15"),
 }
 PROBE = 1e-3  # starting value when balancing a hyperparameter whose default is 0
 # The lead the predicted larger term must have at the smallest width in every comparison a fixed hyperparameter
