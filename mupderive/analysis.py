@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from mupderive.calculus.evaluate import Layer
@@ -155,6 +155,7 @@ class LayerAnalysis:
     hyper: dict[str, Exp]  # every scale-carrying hyperparameter kept in its regime at this gradient scale
     at_global_lr: Exp  # the output change when one lr (the smallest stable one) serves every layer
     mup_shift: Exp | None  # theta with (m, s, lr) = (m, s, lr) of muP moved by the abc-symmetry; None: no such theta
+    balanced: Balanced | None = field(default=None, repr=False, compare=False)  # the rule's step at this gradient
 
 
 @dataclass(frozen=True)
@@ -248,14 +249,14 @@ def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, 
             notes.append(f"{role}: the initial weights alone grow its output change as n^{terms['propagated']} "
                          f"(m + s + {k.propagated} i > 0): no learning rate is stable")
         layers[role] = LayerAnalysis(role, m, s, lr, change, terms, m + delta[role], dict(balanced.hyper),
-                                     at_global, _mup_shift(derived.layers[role], m, s, lr))
+                                     at_global, _mup_shift(derived.layers[role], m, s, lr), balanced)
         previous = (change, at_global)
     m, s = table["vector"]
     balanced, _, rms, act = _step(applied("vector"), "vector", m, s, delta["hidden"], Exp(0))
     lr = ZERO - m - act
     layers["vector"] = LayerAnalysis("vector", m, s, lr, ZERO, {"own": ZERO, "propagated": None, "cross": None},
                                      m + delta["hidden"], dict(balanced.hyper), global_lr - lr,
-                                     _mup_shift(derived.layers["vector"], m, s, lr))
+                                     _mup_shift(derived.layers["vector"], m, s, lr), balanced)
     return Analysis(rule, name or p_name, a_name, layers, global_lr, tuple(notes))
 
 

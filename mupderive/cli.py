@@ -47,6 +47,18 @@ def _convention_args(p: argparse.ArgumentParser) -> None:
                    help="choose a boolean option of the rule, e.g. --set nesterov=true (repeatable)")
 
 
+def _parameterization_args(p: argparse.ArgumentParser, standard: bool = False) -> None:
+    plain = "standard (the model's own init, the real optimizer, one lr for all), " if standard else ""
+    p.add_argument("--parameterization", default="derived",
+                   metavar=f"derived|{'standard|' if standard else ''}sp|ntk|mup|mfp|TABLE.json",
+                   help=f"derived (the spectral condition's muP, default), {plain}or keep Everett et al.'s SP, NTK, "
+                        "muP or MFP multipliers and init (or a JSON table, as for analyze) and take each role's "
+                        "largest stable lr and hyperparameters from `mupderive analyze`")
+    p.add_argument("--alignment", default=None, metavar="full|none|TABLE.json",
+                   help="with an analysed --parameterization: the alignment assumption of the analysis, full, none "
+                        "or a JSON table (what coord-check --measure-alignment writes) (default: full)")
+
+
 def _verify_args(p: argparse.ArgumentParser, widths: str) -> None:
     p.add_argument("--widths", default=widths, help=f"comma-separated widths (default: {widths})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -133,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mupderive.")
     _rule_arg(p)
     _convention_args(p)
+    _parameterization_args(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.py", help="where to write the module")
 
     p = sub.add_parser("oracle", help="measure the real optimizer against the derivation", formatter_class=fmt,
@@ -166,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: mlp)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _parameterization_args(p, standard=True)
     _convention_args(p)
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate at the base (smallest) width (default: a per-rule value, see the docs)")
@@ -191,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 sequences for gpt, 64 for mlp "
                                                                 "(8 and 32 with --quick)")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _parameterization_args(p, standard=True)
     p.add_argument("--quick", action="store_true",
                    help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
     p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE",
