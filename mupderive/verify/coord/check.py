@@ -26,6 +26,7 @@ import itertools
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,7 @@ from mupderive.derivation import Derivation, derive, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
+from mupderive.parameterized import ParameterizedDerivation, parameterized, predicted_slopes
 from mupderive.solver import Fix
 from mupderive.verify.coord.judge import Expect, Targets, diagnose, judge
 from mupderive.verify.coord.layers import forward_order, layer_roles
@@ -95,6 +97,22 @@ def standard_predictions(rule: Rule, task: Task, convention: str) -> dict[str, d
             for c in first_step(rule, chain, "standard", convention)}
 
 
+def analysed(rule: Rule, parameterization: str | Mapping, alignment: str | Mapping | None
+             ) -> ParameterizedDerivation:
+    """The analysed parameterization (names, tables, or paths to JSON tables) as a derivation."""
+    from mupderive.commands import _table_arg
+
+    def table(spec: str | Mapping, what: str) -> str | Mapping:
+        return _table_arg(spec, what) if isinstance(spec, str) else spec
+
+    return parameterized(rule, table(parameterization, "parameterization"), table(alignment or "full", "alignment"))
+
+
+def label(derivation: ParameterizedDerivation) -> str:
+    """``sp-full``: how reports and file names call an analysed parameterization."""
+    return f"{derivation.analysis.parameterization}-{derivation.analysis.alignment}"
+
+
 def _meta(task: Task, width: int) -> nn.Module:
     """The model at ``width`` on the meta device: shapes only, no memory and no initialization."""
     with torch.device("meta"):
@@ -145,13 +163,18 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
               widths: tuple[int, ...] | list[int] = (64, 128, 256, 512), steps: int = 5, seeds: int = 3,
               lr: float | None = None, tolerance: float = TOLERANCE, device: str = "cpu",
               convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
-              options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False) -> CoordCheck:
+              options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False,
+              alignment: str | Mapping[str, Mapping[str, object]] | None = None) -> CoordCheck:
     """Run a coordinate check; ``rule`` may be a ready :class:`Derivation` (e.g. a deliberately altered one).
 
     ``task``: :class:`MLPTask` (default), :class:`GPTTask` or :class:`~mupderive.verify.user.UserTask` (your own
     model, e.g. ``UserTask(build=lambda width: GPT2LMHeadModel(config_at(width)))``). Seed ``first_seed + k`` trains
     on the k-th ``steps`` batches of one stream drawn from ``first_seed`` (the same batches at every width) and,
     with the width, fixes the initialization.
+
+    ``parameterization``: derived, standard, or an analysed one (sp, ntk, mup, mfp, a table, or a path to a JSON
+    table) under ``alignment`` (full by default; :mod:`mupderive.parameterized`): the generated module of that
+    analysis, each layer judged against the slopes the analysis predicts for its role.
     """
     start = time.perf_counter()
     task = task or MLPTask()
@@ -159,26 +182,38 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     derivation = rule if isinstance(rule, Derivation) else None
     rule = derivation.rule if derivation else rule if isinstance(rule, Rule) else load_rule(rule)
     lr = lr if lr is not None else BASE_LR.get(rule.name, float(rule.lr.default))
+    if alignment is not None and parameterization in ("derived", "standard"):
+        raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
     if parameterization == "derived":
         derivation = derivation or derive(rule, convention, fixes, options)
         module = generated_module(derivation)
         targets = Targets(init_targets(derivation), None)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
                      for role, layer in derivation.layers.items()}
-    elif parameterization == "standard":
+    elif parameterization != "standard":
+        if fixes or options or convention != "spectral" or derivation is not None:
+            raise MupError(f"--parameterization {parameterization}: the analysis fixes every knob, so a derivation, "
+                           f"--fix, --set and --convention apply to the derived parameterization only")
+        derivation = analysed(rule, parameterization, alignment)
+        module = generated_module(derivation)
+        slopes = {role: {k: float(v) for k, v in row.items()} for role, row in
+                  predicted_slopes(derivation.analysis).items()}
+        targets = Targets({"output": Expect("=", slopes["output"]["init"])}, None, slopes)
+        exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
+                     for role, layer in derivation.layers.items()}
+        parameterization = label(derivation)
+    else:
         if derivation is not None or fixes or options:
             raise MupError("a derivation, --fix and --set apply to the derived parameterization only")
         setup = Standard(rule, lr)
         module = generated_module(derive(rule, convention))  # only for the parameter roles
         task = replace(task, attn_scale="standard") if isinstance(task, GPTTask) else task
         targets, exponents = Targets({}, standard_predictions(rule, task, convention)), None
-    else:
-        raise MupError(f"unknown parameterization {parameterization!r}; expected derived or standard")
     train, val = split_corpus(load_corpus())
     eval_x, eval_y = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))
     layers, roles, base, delta = _layers(task, module, widths, eval_x, eval_y, device)
     _warn_unrecorded_attention(layers, module._attention_modules(base))
-    setup = Derived(module, base, delta, lr) if parameterization == "derived" else setup
+    setup = setup if parameterization == "standard" else Derived(module, base, delta, lr)
     setup.bind(roles)
     rms = np.zeros((seeds, len(widths), steps + 1, len(layers), 4))
     loss = np.zeros((seeds, len(widths), steps))

@@ -43,7 +43,8 @@ def command(args: argparse.Namespace) -> int:
     task = task_of(args.model)
     result = run_check(args.rule, task, args.parameterization, _widths(args.widths), args.steps, args.seeds,
                        args.lr, args.tolerance, resolve_device(args.device), args.convention,
-                       [parse_fix(text) for text in args.fix], _options(args.set), progress=True)
+                       [parse_fix(text) for text in args.fix], _options(args.set), progress=True,
+                       alignment=args.alignment)
     print(text_report(result))
     if args.out:
         for path in write_outputs(result, Path(args.out)):

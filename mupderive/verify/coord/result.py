@@ -71,6 +71,9 @@ def text_report(result: CoordCheck) -> str:
              f"{r.device}",
              f"slope of log rms against log width, +- 95% CI over seeds x widths; target 0 unless shown in "
              f"parentheses; '*' = misses its target by more than {r.tolerance:g} + CI; last = {_label(marks['last'])}"]
+    if r.targets.slopes is not None:
+        lines.append(f"{r.parameterization}: every target is the slope `mupderive analyze` predicts for the layer's "
+                     f"role")
     if predictions is not None:
         lines.append("standard parameterization: the engine's prediction in parentheses" if predictions else
                      "standard parameterization: the engine has no per-layer prediction for this model")
