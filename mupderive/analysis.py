@@ -192,6 +192,7 @@ class Analysis:
 
 
 ANALYSIS_SCHEMA = "mupderive.analysis/1"
+ALIGNMENT_SCHEMA = "mupderive.alignment/1"  # a measured table (mupderive.verify.coord.alignment)
 
 
 def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, object]] = "sp",
@@ -350,11 +351,17 @@ def _parameterization(spec: str | Mapping[str, Mapping[str, object]]) -> tuple[d
 
 
 def _alignments(spec: str | Mapping[str, Mapping[str, object]]) -> tuple[dict[str, Alignment], str]:
-    """{role: Alignment}: a named assumption for every role, or a table (missing roles and terms: full)."""
+    """{role: Alignment}: a named assumption for every role, or a table (missing roles and terms: full), bare or
+    the ``roles`` of a ``mupderive.alignment/1`` document (what ``coord-check --measure-alignment`` writes)."""
     if isinstance(spec, str):
         if spec not in ALIGNMENTS:
             raise MupError(f"unknown alignment {spec!r}; expected one of {', '.join(ALIGNMENTS)} or a table")
         return dict.fromkeys((*CHAIN, "vector"), ALIGNMENTS[spec]), spec
+    if "schema" in spec:
+        if spec["schema"] != ALIGNMENT_SCHEMA or not isinstance(spec.get("roles"), Mapping):
+            raise MupError(f"alignment: expected a {ALIGNMENT_SCHEMA} document with a \"roles\" table, got schema "
+                           f"{spec['schema']!r}")
+        spec = spec["roles"]
     full = ALIGNMENTS["full"]
     out = {}
     for role in (*CHAIN, "vector"):

@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate at the base (smallest) width (default: a per-rule value, see the docs)")
     p.add_argument("--tolerance", type=float, default=0.15,
                    help="a layer passes when |slope| <= tolerance + its 95%% CI (default: 0.15)")
+    p.add_argument("--measure-alignment", default=None, metavar="FILE.json",
+                   help="also fit Everett et al.'s alignment exponents of every weight matrix (its output change "
+                        "terms dW z0, W0 dz, dW dz against coherent n^1 and incoherent n^1/2 sums over fan_in) and "
+                        "write the table `analyze --alignment FILE.json` reads")
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG plots here")
 
     p = sub.add_parser("transfer", help="learning-rate transfer sweep", formatter_class=fmt,

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 
@@ -43,7 +44,9 @@ from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
 from mupderive.parameterized import ParameterizedDerivation, parameterized, predicted_slopes
 from mupderive.solver import Fix
-from mupderive.verify.coord.judge import Expect, Targets, diagnose, judge
+from mupderive.verify.coord.alignment import QUANTITIES as ALIGNMENT
+from mupderive.verify.coord.alignment import fit_alignment
+from mupderive.verify.coord.judge import Expect, Targets, checkpoints, diagnose, judge
 from mupderive.verify.coord.layers import forward_order, layer_roles
 from mupderive.verify.coord.measure import train_and_measure
 from mupderive.verify.coord.result import CoordCheck
@@ -164,7 +167,8 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
               lr: float | None = None, tolerance: float = TOLERANCE, device: str = "cpu",
               convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
               options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False,
-              alignment: str | Mapping[str, Mapping[str, object]] | None = None) -> CoordCheck:
+              alignment: str | Mapping[str, Mapping[str, object]] | None = None,
+              measure_alignment: bool = False) -> CoordCheck:
     """Run a coordinate check; ``rule`` may be a ready :class:`Derivation` (e.g. a deliberately altered one).
 
     ``task``: :class:`MLPTask` (default), :class:`GPTTask` or :class:`~mupderive.verify.user.UserTask` (your own
@@ -174,7 +178,8 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
 
     ``parameterization``: derived, standard, or an analysed one (sp, ntk, mup, mfp, a table, or a path to a JSON
     table) under ``alignment`` (full by default; :mod:`mupderive.parameterized`): the generated module of that
-    analysis, each layer judged against the slopes the analysis predicts for its role.
+    analysis, each layer judged against the slopes the analysis predicts for its role. ``measure_alignment``: also
+    fit every weight matrix's alignment exponents (:mod:`~mupderive.verify.coord.alignment`, ``result.alignment``).
     """
     start = time.perf_counter()
     task = task or MLPTask()
@@ -217,6 +222,7 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     setup.bind(roles)
     rms = np.zeros((seeds, len(widths), steps + 1, len(layers), 4))
     loss = np.zeros((seeds, len(widths), steps))
+    terms = np.zeros((seeds, len(widths), steps + 1, len(layers), len(ALIGNMENT))) if measure_alignment else None
     bar = tqdm(total=seeds * len(widths), desc=f"coord-check {rule.name} {task.name} {parameterization}",
                file=sys.stderr, disable=not progress, leave=False)
     stream = task.batches(train, torch.Generator().manual_seed(first_seed), device, task.batch_size)
@@ -231,10 +237,14 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
                 model.to(device)
                 optimizer = setup.prepare(model, torch.Generator(device=device).manual_seed(init_seed))
                 run = train_and_measure(model, optimizer, list(layers), batches, eval_x, needs_graph(optimizer),
-                                        task.loss)
+                                        task.loss, measure_alignment)
                 rms[s, w], loss[s, w] = run.rms.numpy(), run.loss.numpy()
+                if terms is not None:
+                    terms[s, w] = run.terms.numpy()
                 bar.update()
     checks = judge(rms, widths, layers, tolerance, targets)
     failures = diagnose(rms, widths, layers, checks, tolerance)
+    fitted = None if terms is None else fit_alignment(terms, widths, layers, checkpoints(rms), {
+        role: float(Fraction(row.get("multiplier", "0"))) for role, row in (exponents or {}).items()})
     return CoordCheck(rule, task, parameterization, convention, widths, steps, seeds, lr, tolerance, device, layers,
-                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start)
+                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start, fitted)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mupderive.language.rule import Rule
+from mupderive.verify.coord.alignment import LayerAlignment
 from mupderive.verify.coord.judge import FLAT, JUDGED, Check, Targets, checkpoints
 from mupderive.verify.coord.task import Task
 
@@ -37,6 +38,7 @@ class CoordCheck:
     checks: list[Check] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    alignment: list[LayerAlignment] | None = None  # measure_alignment=True: each weight matrix's fitted alignment
 
     @property
     def passed(self) -> bool:
