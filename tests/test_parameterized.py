@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mupderive.cli import main
 from mupderive.codegen.generate import generate
 from mupderive.parameterized import parameterized, predicted_slopes
+from mupderive.verify.coord.check import run_check
+from mupderive.verify.coord.judge import Expect
+from mupderive.verify.coord.result import text_report
+from mupderive.verify.coord.task import GPTTask, MLPTask
 from mupderive.verify.models import GPT
 from mupderive.verify.train import import_source
 
@@ -113,3 +118,44 @@ def test_generate_options_that_the_analysis_fixes_are_one_line_errors(tmp_path):
         bad = _cli("generate", "adam", *args, "-o", str(out))
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)
         assert not out.exists()
+
+
+# -- coord-check --parameterization sp --alignment ... (sizes as tests/test_coord_check.py keeps them) ---------------
+CHECK_WIDTHS = (32, 64, 128, 256)
+SMALL_GPT = GPTTask(n_layer=1, block_size=16)
+
+
+def test_sp_with_per_layer_lrs_passes_on_the_gpt_every_slope_at_its_prediction():
+    r = run_check("adam", SMALL_GPT, "sp", CHECK_WIDTHS, steps=3, seeds=3, alignment="full")
+    assert r.parameterization == "sp-full" and r.passed, text_report(r)
+    assert r.exponents["hidden"]["lr"] == "-1" and r.exponents["output"]["init_std"] == "-1/2"
+    predicted = predicted_slopes(parameterized("adam", "sp", "full").analysis)
+    for c in r.checks:
+        if c.role in predicted:  # the target is the analysis's slope for the role (here every one is 0)
+            want = predicted[c.role]["init" if c.checkpoint == "init" else c.quantity]
+            assert c.target == Expect("=", float(want)) and c.agrees
+
+
+def test_lrs_of_the_unaligned_analysis_blow_up_on_a_model_whose_updates_align():
+    """Under alignment none SP's hidden and readout lrs are n^-1/2: the real (aligned) first step grows as n^1/2."""
+    r = run_check("adam", MLPTask(), "sp", CHECK_WIDTHS, steps=3, seeds=3, alignment="none")
+    failed = dict(r.failures)
+    assert set(failed) == {"hidden.0", "hidden.1", "readout"}, text_report(r)
+    assert all("learning rate is too large" in failed[layer] for layer in failed)
+
+
+def test_a_nonzero_predicted_slope_is_the_target():
+    """Everett's muP scales the readout by n^-1/2 at init: the judge expects -1/2 there, not 0, and it passes."""
+    r = run_check("adam", MLPTask(), "mup", CHECK_WIDTHS, steps=3, seeds=3, alignment="full")
+    init = next(c for c in r.checks if c.layer == "readout" and c.checkpoint == "init")
+    assert init.target == Expect("=", -0.5) and init.passed and r.passed, text_report(r)
+
+
+def test_cli_exit_status(tmp_path, capsys):
+    base = ["coord-check", "adam", "--widths", "32,64,128,256", "--steps", "2", "--seeds", "3", "--device", "cpu"]
+    assert main([*base, "--parameterization", "sp", "--alignment", "none"]) == 1
+    assert "blows up" in capsys.readouterr().out
+    for bad in (["--alignment", "none"], ["--parameterization", "foo"],
+                ["--parameterization", "sp", "--fix", "output.multiplier=-1"]):
+        assert main([*base, *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
