@@ -50,13 +50,18 @@ def measured():
 
 
 def test_derived_mup_updates_are_fully_aligned_and_initial_weights_are_not(measured):
-    """Full alignment of the updates (dW z0 a coherent sum, k = 1) and incoherent W0 dz (k = 1/2), within the
-    check's tolerance, on every hidden layer and the readout, at the first step and the last."""
+    """Full alignment of the updates (dW z0 a coherent sum, k = 1) on every hidden layer and the readout, and
+    incoherent W0 dz (k = 1/2) on the hidden layers, within the check's tolerance, at the first step and the last.
+
+    The readout's W0 dz is not held to 1/2: dz there has a part backpropagated through W0 itself (W0^T dL/dlogits),
+    which W0 sums coherently (measured 0.55 at widths 32-256, 0.70 at 64-512: docs/coord_check/sp)."""
     assert {f.layer for f in measured.alignment} == {"hidden.0", "hidden.1", "readout"}
     for f in measured.alignment:
         for fit in (f.first, f.last):
             assert abs(fit["own"].value - 1) <= TOLERANCE + fit["own"].ci, (f.layer, fit["own"])
-            assert abs(fit["propagated"].value - 0.5) <= TOLERANCE + fit["propagated"].ci, (f.layer, fit)
+            low, high = (0.5, 0.5) if f.role == "hidden" else (0.5, 1.0)
+            assert low - TOLERANCE - fit["propagated"].ci <= fit["propagated"].value <= \
+                high + TOLERANCE + fit["propagated"].ci, (f.layer, fit)
             assert 0.5 - TOLERANCE - fit["cross"].ci <= fit["cross"].value <= 1 + TOLERANCE + fit["cross"].ci
     assert all(math.isfinite(s.ci) for f in measured.alignment for s in f.last.values())
 

@@ -97,7 +97,9 @@ def text_report(result: CoordCheck) -> str:
     lines += ["", f"training loss at step {r.steps}, before its update (mean over seeds{chance}): "
               + "  ".join(f"{w}: {v:.3f}" for w, v in zip(r.widths, final, strict=True))]
     if r.passed:
-        lines.append(f"PASS: every layer keeps its scale across widths ({r.seconds:.1f} s)")
+        lines.append(f"PASS: every layer's slopes are the analysis's predictions ({r.seconds:.1f} s)"
+                     if r.targets.slopes is not None else
+                     f"PASS: every layer keeps its scale across widths ({r.seconds:.1f} s)")
     else:
         lines.append(f"FAIL: {len(r.failures)} of {len(r.layers)} layers fail the check ({r.seconds:.1f} s)")
         lines += [f"  {message}" for _, message in r.failures]
