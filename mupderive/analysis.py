@@ -206,7 +206,8 @@ def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, 
 
     where |U|(k) = min(effect(U) + (i - o)/2, rms(U) + k i) is the update direction's action on its input (the
     calculus' coherent effect is the most a full alignment can give) and r_prev the change of the layer's input.
-    The largest stable c keeps own and cross <= 0; the layer learns features when its change r = max(...) is 0.
+    The largest stable c keeps own and cross <= 0 and, for an update that scales with W itself (parameter scaling),
+    the update's entries below W0's (``c + rms(U) <= s``); the layer learns features when its change r is 0.
     U comes from the rule at this parameterization's gradient: dL/dlogits has entries ~ 1, and each layer passes
     back ``m (W0 + dW)^T delta``. Every scale-carrying hyperparameter is balanced at that gradient (the epsilon
     underflow diagnosis). ``parameterization``: sp, ntk, mup, mfp (Everett et al.'s tables) or
@@ -277,11 +278,23 @@ def _backward(table: dict[str, tuple[Exp, Exp]], aligns: dict[str, Alignment], a
         steps[role] = step = _step(applied(role), role, m, s, below, aligns[role].own)
         rms, act = step[2], step[3]
         bound[role] = ZERO - m - act
+        if (scaled := _self_scaled(applied(role), role, m, s, below, rms)) is not None:
+            bound[role] = signs.min(bound[role], scaled)
         if cap:
             bound[role] = signs.min(bound[role], s + o * HALF - o * aligns[role].own - rms)
         moved = bound[role] + rms  # entries of dW at that lr
         below = m + signs.max(s + o * HALF, moved + o * aligns[role].own) + below
     return delta, bound, steps
+
+
+def _self_scaled(rule: Rule, role: str, m: Exp, s: Exp, delta: Exp, rms: Exp) -> Exp | None:
+    """The lr bound of an update that scales with the weights it updates (parameter scaling, as Adafactor's
+    ``RMS(W)`` factor; found by moving the init and seeing the update's entries move): ``lr + rms(U) <= s``.
+
+    Beyond it the update outgrows W0, so W is its own accumulated update and each step multiplies it by a factor
+    that grows with width. None when the update does not scale with W."""
+    moved = _step(rule, role, m, s + 1, delta, Exp(1))[2]
+    return None if moved == rms else s - rms
 
 
 def _step(rule: Rule, role: str, m: Exp, s: Exp, delta: Exp, k: Exp) -> tuple[Balanced, Value, Exp, Exp]:
