@@ -14,7 +14,9 @@ import torch
 
 from mupderive.cli import main
 from mupderive.codegen.generate import generate
+from mupderive.derivation import rational
 from mupderive.parameterized import parameterized, predicted_slopes
+from mupderive.resources import builtin_rule_names
 from mupderive.verify.coord.check import run_check
 from mupderive.verify.coord.judge import Expect
 from mupderive.verify.coord.result import text_report
@@ -159,3 +161,12 @@ def test_cli_exit_status(tmp_path, capsys):
                 ["--parameterization", "sp", "--fix", "output.multiplier=-1"]):
         assert main([*base, *bad]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rule", builtin_rule_names())
+def test_every_builtin_rule_generates_an_sp_module(rule):
+    module = import_source(generate(parameterized(rule, "sp", "full")))
+    want = parameterized(rule, "sp", "full").analysis.layers
+    assert {role: module.EXPONENTS[role]["init_std"] for role in want} == {
+        role: str(rational(layer.init_std)) for role, layer in want.items()}
+    assert "tied" not in module.EXPONENTS and module.PARAMETERIZATION == "sp"
