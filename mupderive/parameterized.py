@@ -44,6 +44,11 @@ class ParameterizedDerivation(Derivation):
         """``sp, full alignment``: the parameterization and the alignment assumption."""
         return f"{self.analysis.parameterization}, {self.analysis.alignment} alignment"
 
+    @property
+    def tag(self) -> str:
+        """``sp-full``: how reports and file names call it."""
+        return f"{self.analysis.parameterization}-{self.analysis.alignment}"
+
 
 def parameterized(rule: Rule | str, parameterization: Spec = "sp", alignment: Spec = "full",
                   name: str | None = None) -> ParameterizedDerivation:
@@ -59,6 +64,17 @@ def parameterized(rule: Rule | str, parameterization: Spec = "sp", alignment: Sp
         layers[role] = LayerDerivation(role, layer.rule, layer.fan_out, layer.fan_in, a.multiplier, a.init_std, a.lr,
                                        dict(a.hyper), {}, layer.kappa, a.balanced, (*layer.notes,))
     return ParameterizedDerivation(rule, derived.convention, (), layers, {}, None, derived.attention, result)
+
+
+def analysed(rule: Rule | str, parameterization: Spec, alignment: Spec | None = None) -> ParameterizedDerivation:
+    """:func:`parameterized` from what a command line gives: names, tables, or paths to JSON tables (``.json``);
+    alignment full by default."""
+    from mupderive.commands import _table_arg
+
+    def table(spec: Spec, what: str) -> Spec:
+        return _table_arg(spec, what) if isinstance(spec, str) else spec
+
+    return parameterized(rule, table(parameterization, "parameterization"), table(alignment or "full", "alignment"))
 
 
 def predicted_slopes(analysis: Analysis) -> dict[str, dict[str, Fraction]]:

@@ -31,11 +31,11 @@ from mupderive.codegen.parts import (
     role_exponents,
     validate,
 )
-from mupderive.commands import _derivation, _options, _table_arg
+from mupderive.commands import _derivation, _options
 from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
-from mupderive.parameterized import ParameterizedDerivation, parameterized
+from mupderive.parameterized import ParameterizedDerivation, analysed
 
 
 def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[str, bool] | None = None) -> str:
@@ -185,9 +185,7 @@ def analysed_derivation(args: argparse.Namespace) -> ParameterizedDerivation | N
     if args.fix or args.set or args.convention != "spectral":
         raise MupError(f"--parameterization {args.parameterization}: the analysis fixes every knob, so --fix, --set "
                        f"and --convention apply to the derived parameterization only")
-    alignment = args.alignment or "full"
-    return parameterized(load_rule(args.rule), _table_arg(args.parameterization, "parameterization"),
-                         _table_arg(alignment, "alignment"))
+    return analysed(load_rule(args.rule), args.parameterization, args.alignment)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -210,11 +210,9 @@ def generated_source(rule, config: SweepConfig | None = None) -> str:
                        "use --parameterization standard") from None
     if config is None or not config.analysed:
         return generate(derive(rule, CONVENTION))
-    from mupderive.commands import _table_arg
-    from mupderive.parameterized import parameterized
+    from mupderive.parameterized import analysed
 
-    return generate(parameterized(rule, _table_arg(config.parameterization, "parameterization"),
-                                  _table_arg(config.alignment or "full", "alignment")))
+    return generate(analysed(rule, config.parameterization, config.alignment))
 
 
 def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequence[tuple[int, float, int]] | None = None,

@@ -42,7 +42,7 @@ from mupderive.derivation import Derivation, derive, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
-from mupderive.parameterized import ParameterizedDerivation, parameterized, predicted_slopes
+from mupderive.parameterized import analysed, predicted_slopes
 from mupderive.solver import Fix
 from mupderive.verify.coord.alignment import QUANTITIES as ALIGNMENT
 from mupderive.verify.coord.alignment import fit_alignment
@@ -98,22 +98,6 @@ def standard_predictions(rule: Rule, task: Task, convention: str) -> dict[str, d
         return {}
     return {c.layer: {"change": float(rational(c.change)), "effect": float(rational(c.own))}
             for c in first_step(rule, chain, "standard", convention)}
-
-
-def analysed(rule: Rule, parameterization: str | Mapping, alignment: str | Mapping | None
-             ) -> ParameterizedDerivation:
-    """The analysed parameterization (names, tables, or paths to JSON tables) as a derivation."""
-    from mupderive.commands import _table_arg
-
-    def table(spec: str | Mapping, what: str) -> str | Mapping:
-        return _table_arg(spec, what) if isinstance(spec, str) else spec
-
-    return parameterized(rule, table(parameterization, "parameterization"), table(alignment or "full", "alignment"))
-
-
-def label(derivation: ParameterizedDerivation) -> str:
-    """``sp-full``: how reports and file names call an analysed parameterization."""
-    return f"{derivation.analysis.parameterization}-{derivation.analysis.alignment}"
 
 
 def _meta(task: Task, width: int) -> nn.Module:
@@ -206,7 +190,7 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
         targets = Targets({"output": Expect("=", slopes["output"]["init"])}, None, slopes)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
                      for role, layer in derivation.layers.items()}
-        parameterization = label(derivation)
+        parameterization = derivation.tag
     else:
         if derivation is not None or fixes or options:
             raise MupError("a derivation, --fix and --set apply to the derived parameterization only")
