@@ -28,6 +28,7 @@ examples:
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
+  mupderive coord-check adam --model gpt --parameterization sp --alignment full   # SP with per-layer lrs
   mupderive transfer adamw --store sweep.db    # learning-rate transfer sweep
 """
 
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"init_std\": E}} for input, hidden, output (vector optional) (default: sp)")
     p.add_argument("--alignment", default="full", metavar="full|none|TABLE.json",
                    help="full (coherent updates), none (incoherent), or a JSON file {ROLE: {\"own\": k, "
-                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1] (default: full)")
+                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1], or the table coord-check "
+                        "--measure-alignment writes (default: full)")
     p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"])
 
     p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,
