@@ -58,7 +58,7 @@ def main() -> None:
         if (HERE / f"{stem}.json").exists():
             out += run_table(stem, title)
     for stem, title in [("alignment-gpt-derived", "GPT, derived muP"), ("alignment-gpt-sp-full", "GPT, sp (full)"),
-                        ("alignment-mlp-sp-full", "MLP, sp (full)")]:
+                        ("alignment-mlp-sp-full", "MLP, sp (full)"), ("alignment-mlp-mup-full", "MLP, mup (full)")]:
         if (HERE / f"{stem}.json").exists():
             out += alignment_table(stem, title)
     sys.stdout.write("\n".join(out))
