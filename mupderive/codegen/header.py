@@ -51,9 +51,9 @@ def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
         words.append(f"--convention {derivation.convention}")
     words += [f"--fix {f}" for f in derivation.fixes]
     if (analysis := getattr(derivation, "analysis", None)) is not None:
-        named = analysis.parameterization in EVERETT and analysis.alignment in ALIGNMENTS
-        words += [f"--parameterization {analysis.parameterization if named else 'TABLE.json'}",
-                  f"--alignment {analysis.alignment if named else 'TABLE.json'}"]
+        p, a = analysis.parameterization, analysis.alignment
+        words += [f"--parameterization {p if p in EVERETT else 'TABLE.json'}",
+                  f"--alignment {a if a in ALIGNMENTS else 'TABLE.json'}"]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
     return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
 
