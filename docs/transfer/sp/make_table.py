@@ -56,7 +56,7 @@ def plot(reports: list[tuple[str, dict]], path: Path, metric: str = "train") -> 
     right.legend(fontsize=8)
     r = reports[0][1]
     fig.suptitle(f"adam, {r['model']['n_layer']}-layer GPT, {r['steps']} steps, batch {r['batch_size']}, "
-                 f"{r['seeds']} seed, {r['device']}", fontsize=10)
+                 f"{r['seeds']} seed(s), {r['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
