@@ -90,3 +90,25 @@ def test_a_document_of_another_schema_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mupderive.alignment/1" in err and len(err.strip().splitlines()) == 1
     assert main(["coord-check", "adam", "--measure-alignment", str(tmp_path / "x.txt")]) == 2
+
+
+def test_a_transformers_model_with_conv1d_layers_is_measured_too():
+    """GPT-2 stores its matrices (in, out) in Conv1D modules: the terms come from re-running the module, whatever its
+    layout, so every projection and the readout get a finite fit; the updates sum more coherently than an incoherent
+    sum there too (c_attn, reading the first LayerNorm, 0.76 at these tiny widths; the rest 0.98-1.05)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mupderive.verify.user import UserTask
+
+    def gpt2(width: int) -> GPT2LMHeadModel:
+        return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=width, n_layer=1, n_head=4,
+                                          tie_word_embeddings=False, attn_pdrop=0, resid_pdrop=0, embd_pdrop=0))
+
+    r = run_check("adam", UserTask(gpt2), "derived", (32, 64, 128), steps=2, seeds=2, measure_alignment=True)
+    fitted = {f.layer: f for f in r.alignment}
+    assert set(fitted) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                           "transformer.h.0.mlp.c_proj", "lm_head"}
+    for f in fitted.values():
+        assert all(math.isfinite(s.value) for s in f.last.values())
+        assert f.last["own"].value > 0.5 + TOLERANCE - f.last["own"].ci, f
+        assert abs(f.last["propagated"].value - 0.5) <= TOLERANCE + f.last["propagated"].ci or f.role == "output"
