@@ -15,6 +15,11 @@ its initial weights pass on a vanishing share of the change below; its activatio
 tensor producing the logits) is judged the same way, its init slope the tied derivation's readout multiplier +
 embedding init + 1/2.
 
+Under an analysed parameterization (``--parameterization sp|ntk|mup|mfp|TABLE.json``) the target of every slope of a
+role is what the analysis predicts for it (``Targets.slopes``, :func:`mupderive.parameterized.predicted_slopes`):
+0 where the layer keeps its scale, the init exponent where it starts small (Everett's muP readout: -1/2), the
+change where the analysis says it grows or vanishes.
+
 Attention logits (role ``attention``) own no weight, so have no own-update effect. ``s q.k`` sums head_dim terms:
 incoherently at init (~ head_dim^1/2), coherently once training has correlated q and k (~ head_dim), so under
 s = 1/head_dim the logits and their change lie between ~ head_dim^-1/2 and ~ 1, and under 1/sqrt(head_dim) between
