@@ -28,6 +28,7 @@ examples:
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
+  mupderive coord-check adam --model gpt --parameterization sp --alignment full   # SP with per-layer lrs
   mupderive transfer adamw --store sweep.db    # learning-rate transfer sweep
 """
 
@@ -57,6 +58,18 @@ def _depth_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
                         "Depth-muP)")
     p.add_argument("--alpha", default=None, metavar="A",
                    help="impose the branch multiplier L^-A (a rational such as 1/2); the output says what breaks")
+
+
+def _parameterization_args(p: argparse.ArgumentParser, standard: bool = False) -> None:
+    plain = "standard (the model's own init, the real optimizer, one lr for all), " if standard else ""
+    p.add_argument("--parameterization", default="derived",
+                   metavar=f"derived|{'standard|' if standard else ''}sp|ntk|mup|mfp|TABLE.json",
+                   help=f"derived (the spectral condition's muP, default), {plain}or keep Everett et al.'s SP, NTK, "
+                        "muP or MFP multipliers and init (or a JSON table, as for analyze) and take each role's "
+                        "largest stable lr and hyperparameters from `mupderive analyze`")
+    p.add_argument("--alignment", default=None, metavar="full|none|TABLE.json",
+                   help="with an analysed --parameterization: the alignment assumption of the analysis, full, none "
+                        "or a JSON table (what coord-check --measure-alignment writes) (default: full)")
 
 
 def _verify_args(p: argparse.ArgumentParser, widths: str) -> None:
@@ -137,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"init_std\": E}} for input, hidden, output (vector optional) (default: sp)")
     p.add_argument("--alignment", default="full", metavar="full|none|TABLE.json",
                    help="full (coherent updates), none (incoherent), or a JSON file {ROLE: {\"own\": k, "
-                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1] (default: full)")
+                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1], or the table coord-check "
+                        "--measure-alignment writes (default: full)")
     p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"])
 
     p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,
@@ -147,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mupderive.")
     _rule_arg(p)
     _convention_args(p)
+    _parameterization_args(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.py", help="where to write the module")
 
     p = sub.add_parser("oracle", help="measure the real optimizer against the derivation", formatter_class=fmt,
@@ -186,12 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: mlp)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _parameterization_args(p, standard=True)
     _convention_args(p)
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate at the base (smallest) width (default: a per-rule value, see the docs)")
     p.add_argument("--tolerance", type=float, default=0.15,
                    help="a layer passes when |slope| <= tolerance + its 95%% CI (default: 0.15)")
+    p.add_argument("--measure-alignment", default=None, metavar="FILE.json",
+                   help="also fit Everett et al.'s alignment exponents of every weight matrix (its output change "
+                        "terms dW z0, W0 dz, dW dz against coherent n^1 and incoherent n^1/2 sums over fan_in) and "
+                        "write the table `analyze --alignment FILE.json` reads")
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG plots here")
 
     p = sub.add_parser("transfer", help="learning-rate transfer sweep", formatter_class=fmt,
@@ -211,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 sequences for gpt, 64 for mlp "
                                                                 "(8 and 32 with --quick)")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _parameterization_args(p, standard=True)
     p.add_argument("--quick", action="store_true",
                    help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
     p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE",

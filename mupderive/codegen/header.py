@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from mupderive.analysis import ALIGNMENTS, EVERETT, Analysis
 from mupderive.codegen import safe
 from mupderive.codegen.parts import Part, bodies
-from mupderive.derivation import Derivation
+from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
 from mupderive.language.rule import Rule
 
@@ -22,21 +23,25 @@ def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
     """The template variables of the module docstring."""
     document = derivation.to_json()
     reads_hessian = any("H" in body.reads for part in parts for body in bodies(part.rule))
+    analysis = getattr(derivation, "analysis", None)
     return {
-        "title_line": _title_line(derivation.rule),
+        "title_line": _title_line(derivation.rule, analysis),
         "command": _command(derivation, options),
         "about": _about(derivation, parts, options),
         "table": _table(document["layers"], document.get("tied")),
         "extras": _extras(document),
-        "formulas": _formulas(document["formulas"]),
+        "formulas_heading": "General formulas (multiplier 1, where the rule applies):" if analysis is None else
+        "What each role does at its learning rate (exponents of the width n):",
+        "formulas": _formulas(document["formulas"]) if analysis is None else _analysed(analysis),
         "diagnosis": _diagnosis(document["layers"]),
         "usage": _usage(derivation, parts, reads_hessian),
         "notes": _notes(parts, reads_hessian),
     }
 
 
-def _title_line(rule: Rule) -> str:
-    return safe.wrap(f"muP for {rule.title} (rule {rule.name}): width-scaled init, multipliers and optimizer.",
+def _title_line(rule: Rule, analysis: Analysis | None = None) -> str:
+    what = "muP" if analysis is None else f"{analysis.parameterization} with per-layer learning rates"
+    return safe.wrap(f"{what} for {rule.title} (rule {rule.name}): width-scaled init, multipliers and optimizer.",
                      116)[0]
 
 
@@ -45,6 +50,10 @@ def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
     if derivation.convention != "spectral":
         words.append(f"--convention {derivation.convention}")
     words += [f"--fix {f}" for f in derivation.fixes]
+    if (analysis := getattr(derivation, "analysis", None)) is not None:
+        p, a = analysis.parameterization, analysis.alignment
+        words += [f"--parameterization {p if p in EVERETT else 'TABLE.json'}",
+                  f"--alignment {a if a in ALIGNMENTS else 'TABLE.json'}"]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
     return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
 
@@ -66,7 +75,7 @@ def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
     fixes = ", ".join(map(str, derivation.fixes)) or "none"
     chosen = ", ".join(f"{name}={str(value).lower()}" for name, value in options.items()) or "rule defaults"
     lines = [f"Rule: {rule.name} - {rule.title}", f"Paper: {rule.paper}", f"Rule source sha256: {rule.digest}",
-             f"Convention: {CONVENTION_TEXT[convention_name(derivation.convention)]}",
+             _convention_line(derivation),
              f"Fixes: {fixes}", f"Boolean options: {chosen}"]
     for part in parts:
         roles = ", ".join(part.roles)
@@ -81,6 +90,28 @@ def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
         if part.rule.implementation.note:
             lines.append(f"Implementation note ({part.rule.name}): {part.rule.implementation.note}")
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
+
+
+def _convention_line(derivation: Derivation) -> str:
+    """The derived convention, or the analysed parameterization the exponents come from."""
+    analysis = getattr(derivation, "analysis", None)
+    if analysis is None:
+        return f"Convention: {CONVENTION_TEXT[convention_name(derivation.convention)]}"
+    return (f"Parameterization: {analysis.parameterization} under {analysis.alignment} alignment (mupderive analyze, "
+            f"Everett et al. 2024): its multipliers and init stds from the standard base stds, each role's largest "
+            f"stable learning rate and every scale-carrying hyperparameter balanced at its gradient; attention "
+            f"logits keep the derived scale; no tied embedding/readout")
+
+
+def _analysed(analysis: Analysis) -> list[str]:
+    """Under the table for an analysed parameterization: what each role's layer does at its lr."""
+    lines = []
+    for role, layer in analysis.layers.items():
+        change = rational(layer.feature_update)
+        does = "learns features" if change == 0 else f"lazy (its output change ~ n^{change})"
+        lines += safe.wrap(f"{role}: {does}; one lr for all (n^{rational(analysis.global_lr)}) would give n^"
+                           f"{rational(layer.at_global_lr)}", 110)
+    return lines + [line for note in analysis.notes for line in safe.wrap(note, 110)]
 
 
 def _table(data: dict, tied: dict | None) -> list[str]:

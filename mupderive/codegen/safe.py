@@ -26,7 +26,7 @@ GENERATED_NAMES = frozenset({
 # Module-level names of the generated module; a generated optimizer class must not take one.
 MODULE_NAMES = frozenset({
     "MuP", "HybridOptimizer", "Any", "Callable", "ChainMap", "Fraction", "Iterable", "Mapping", "Sequence", "EXPONENTS",
-    "RULE", "RULE_SHA256", "CONVENTION", "FIXES", "RULE_OF_ROLE",
+    "RULE", "RULE_SHA256", "CONVENTION", "FIXES", "RULE_OF_ROLE", "PARAMETERIZATION", "ALIGNMENT",
 })
 RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins)) | GENERATED_NAMES
 

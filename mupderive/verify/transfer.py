@@ -76,10 +76,23 @@ class SweepConfig:
     steps: int
     batch_size: int
     seeds: int = 1
-    parameterization: str = "derived"
+    parameterization: str = "derived"  # derived, standard, or an analysed one: sp, ntk, mup, mfp or TABLE.json
     device: str = "auto"
     eval_batches: int = 8
     explode: float = 3.0  # a loss above this multiple of the first loss counts as divergence
+    alignment: str | None = None  # an analysed parameterization's alignment assumption (default full)
+
+    @property
+    def analysed(self) -> bool:
+        """Whether the module comes from ``mupderive analyze`` (a parameterization other than derived/standard)."""
+        return self.parameterization not in ("derived", "standard")
+
+    @property
+    def label(self) -> str:
+        """The parameterization as reports name it: ``derived``, ``standard`` or ``sp-full``."""
+        if not self.analysed:
+            return self.parameterization
+        return f"{Path(self.parameterization).stem}-{Path(self.alignment or 'full').stem}"
 
     @property
     def warmup(self) -> int:
@@ -95,8 +108,8 @@ class Sweep:
     """A prepared sweep: the rule, data and optimizer setup loaded once; `run` trains one grid point."""
 
     def __init__(self, config: SweepConfig):
-        if config.parameterization not in ("derived", "standard"):
-            raise MupError(f"parameterization must be 'derived' or 'standard', got {config.parameterization!r}")
+        if config.alignment is not None and not config.analysed:
+            raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
         if len(set(config.widths)) < 2 or min(config.widths) < 1:
             raise MupError(f"a transfer sweep needs at least two distinct positive widths, got {list(config.widths)}")
         if not config.lrs or not all(math.isfinite(lr) and lr > 0 for lr in config.lrs):
@@ -110,9 +123,9 @@ class Sweep:
         self.device = resolve_device(config.device)
         self.base_width = min(config.widths)
         self.train_text, self.val_text = split_corpus(load_corpus())
-        source = generated_source(self.rule)  # the parameterization, and the roles of every parameterization
+        source = generated_source(self.rule, config)  # the parameterization, and every parameterization's roles
         self.module = import_source(source)
-        self.generated = self.module if config.parameterization == "derived" or \
+        self.generated = self.module if config.parameterization != "standard" or \
             self.rule.implementation.cls is None else None
         with torch.random.fork_rng(devices=[]):  # the base is real, as a user passes it (and as the coordinate
             torch.manual_seed(0)  # check builds it): values such as a scaled embedding's factor are read from it
@@ -121,18 +134,18 @@ class Sweep:
             self.delta = config.model.build(2 * self.base_width)
         roles = parameter_roles(self.module, self.base, self.base, self.delta)
         self.hidden = {name for name, role in roles.items() if role == "hidden"}
-        if config.parameterization == "derived":
+        if config.parameterization != "standard":
             self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width,
                                 "delta_width": 2 * self.base_width}
         elif self.generated is not None:  # no library class: the generated optimizer with the model as its own base
             self.setup = {"generated_optimizer": digest(source), "init": "default", "width_ratios": 1}
         else:
             self.setup = standard_setup(self.rule)
-        self.setup_sha256 = digest(source) if config.parameterization == "derived" else digest(
+        self.setup_sha256 = digest(source) if config.parameterization != "standard" else digest(
             json.dumps(self.setup, sort_keys=True))
         self.identity = {
             "protocol": PROTOCOL, "rule_sha256": self.rule.digest, "convention": CONVENTION,
-            "parameterization": config.parameterization, "setup": self.setup, "model": config.model.to_json(),
+            "parameterization": config.label, "setup": self.setup, "model": config.model.to_json(),
             "steps": config.steps, "batch_size": config.batch_size, "warmup": config.warmup,
             "window": config.window, "explode": config.explode, "eval_batches": config.eval_batches,
             "corpus_sha256": digest(self.train_text + self.val_text),
@@ -153,7 +166,7 @@ class Sweep:
         """
         if self.generated is None:
             return standard_optimizer(self.setup, model, self.hidden, lr)
-        if self.config.parameterization == "derived":  # delta: a model at the base width itself keeps its roles
+        if self.config.parameterization != "standard":  # delta: a model at the base width itself keeps its roles
             mup = self.generated.MuP(model, self.base, delta=self.delta)
             mup.initialize_()
         else:  # no library class: the generated optimizer with the model as its own base (every ratio 1)
@@ -180,21 +193,26 @@ class Sweep:
                 status, diverged_step, train_loss, val_loss = "diverged", c.steps, None, None
         return Run(
             key=self.key(width, lr, seed), sweep=self.sweep_id, rule=self.rule.name, rule_sha256=self.rule.digest,
-            model=c.model.name, parameterization=c.parameterization, setup_sha256=self.setup_sha256,
+            model=c.model.name, parameterization=c.label, setup_sha256=self.setup_sha256,
             width=width, lr=lr, seed=seed, steps=c.steps, batch_size=c.batch_size, status=status,
             diverged_step=diverged_step, train_loss=train_loss, val_loss=val_loss, losses=result.losses,
             wall_s=time.perf_counter() - start, device=str(self.device), torch_version=torch.__version__,
             config=self.identity | {"rule": c.rule, "widths": list(c.widths), "lrs": list(c.lrs), "seeds": c.seeds})
 
 
-def generated_source(rule) -> str:
-    """The generated module's source for `rule` (spectral convention)."""
+def generated_source(rule, config: SweepConfig | None = None) -> str:
+    """The generated module's source for `rule`: derived (spectral convention), or the analysed parameterization
+    of ``config`` (its roles serve the standard parameterization too)."""
     try:
         from mupderive.codegen import generate
     except ImportError as exc:
         raise MupError(f"code generation (mupderive.codegen) is not available ({exc}); "
                        "use --parameterization standard") from None
-    return generate(derive(rule, CONVENTION))
+    if config is None or not config.analysed:
+        return generate(derive(rule, CONVENTION))
+    from mupderive.parameterized import analysed
+
+    return generate(analysed(rule, config.parameterization, config.alignment))
 
 
 def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequence[tuple[int, float, int]] | None = None,
@@ -214,7 +232,7 @@ def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequenc
     keys = [sweep.key(*point) for point in plan]
     done = sum(store.has(key) for key in keys)
     with tqdm(total=len(plan), initial=done, unit="run", disable=not progress, dynamic_ncols=True,
-              desc=f"{sweep.rule.name} {sweep.config.parameterization}") as bar:
+              desc=f"{sweep.rule.name} {sweep.config.label}") as bar:
         def started(point: tuple[int, float, int]) -> None:
             bar.set_postfix(width=point[0], lr=f"{point[1]:.3g}")
 
@@ -396,7 +414,8 @@ def report(sweep: Sweep, runs: Sequence[Run], train: Summary | None = None) -> d
     train = train or summarize(runs, c.widths, c.lrs, "train")
     return {
         "schema": SCHEMA, "rule": sweep.rule.name, "rule_sha256": sweep.rule.digest,
-        "parameterization": c.parameterization, "model": c.model.to_json(), "widths": list(c.widths),
+        "parameterization": c.parameterization, "alignment": c.alignment if c.analysed else None,
+        "model": c.model.to_json(), "widths": list(c.widths),
         "lrs": list(c.lrs), "steps": c.steps, "batch_size": c.batch_size, "seeds": c.seeds,
         "device": str(sweep.device), "torch_version": torch.__version__, "sweep": sweep.sweep_id,
         "runs": len(runs), "diverged": sum(r.status == "diverged" for r in runs),
@@ -412,7 +431,7 @@ def title_of(sweep: Sweep) -> str:
         model = c.model.source or c.model.name
     else:
         model = (f"{c.model.n_layer}-layer " if c.model.kind == "gpt" else f"depth-{c.model.depth} ") + c.model.kind
-    return (f"{sweep.rule.name}, {c.parameterization} parameterization: {model}, {c.steps} steps, "
+    return (f"{sweep.rule.name}, {c.label} parameterization: {model}, {c.steps} steps, "
             f"batch {c.batch_size}, {c.seeds} seed(s), {sweep.device}")
 
 
@@ -431,7 +450,7 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
 def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None = None,
                 widths: Sequence[int] | None = None, lrs: Sequence[float] | None = None, steps: int | None = None,
                 batch_size: int | None = None, seeds: int = 1, parameterization: str = "derived",
-                device: str = "auto") -> SweepConfig:
+                device: str = "auto", alignment: str | None = None) -> SweepConfig:
     """A sweep from the full or quick preset; every argument given explicitly wins over the preset.
 
     ``model``: ``mlp``, ``gpt``, ``FILE.py:FUNC[:TASK]`` or a :class:`~mupderive.verify.user.UserTask` (a model of
@@ -447,7 +466,7 @@ def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None 
         kind = model or preset.model
         if kind not in ("mlp", "gpt"):
             raise MupError(f"--model {kind!r}: expected mlp, gpt or FILE.py:FUNC[:TASK]")
-        spec = ModelSpec(kind, attn_scale="mup" if parameterization == "derived" else "standard")
+        spec = ModelSpec(kind, attn_scale="standard" if parameterization == "standard" else "mup")
         if quick:
             spec = replace(spec, depth=3, context=4, block_size=32)
     if lrs is None:
@@ -458,7 +477,7 @@ def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None 
     if steps < 1 or batch_size < 1 or seeds < 1:
         raise MupError("--steps, --batch-size and --seeds must be positive")
     return SweepConfig(rule, spec, tuple(sorted(set(widths or preset.widths))), tuple(sorted(set(lrs))), steps,
-                       batch_size, seeds, parameterization, device)
+                       batch_size, seeds, parameterization, device, alignment=alignment)
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -467,7 +486,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         args.rule, quick=args.quick, model=args.model,
         widths=_numbers(args.widths, int, "--widths") if args.widths else None,
         lrs=_numbers(args.lrs, float, "--lrs") if args.lrs else None, steps=args.steps,
-        batch_size=args.batch_size, seeds=args.seeds, parameterization=args.parameterization, device=args.device)
+        batch_size=args.batch_size, seeds=args.seeds, parameterization=args.parameterization, device=args.device,
+        alignment=args.alignment)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -485,7 +505,7 @@ def command(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"transfer-{sweep.rule.name}-{sweep.config.parameterization}-{sweep.config.model.name}"
+        stem = f"transfer-{sweep.rule.name}-{sweep.config.label}-{sweep.config.model.name}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(train, title, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png", file=sys.stderr)

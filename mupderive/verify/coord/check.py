@@ -26,7 +26,9 @@ import itertools
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 
@@ -40,8 +42,11 @@ from mupderive.derivation import Derivation, derive, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
+from mupderive.parameterized import analysed, predicted_slopes
 from mupderive.solver import Fix
-from mupderive.verify.coord.judge import Expect, Targets, diagnose, judge
+from mupderive.verify.coord.alignment import QUANTITIES as ALIGNMENT
+from mupderive.verify.coord.alignment import fit_alignment
+from mupderive.verify.coord.judge import Expect, Targets, checkpoints, diagnose, judge
 from mupderive.verify.coord.layers import forward_order, layer_roles
 from mupderive.verify.coord.measure import train_and_measure
 from mupderive.verify.coord.result import CoordCheck
@@ -145,13 +150,20 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
               widths: tuple[int, ...] | list[int] = (64, 128, 256, 512), steps: int = 5, seeds: int = 3,
               lr: float | None = None, tolerance: float = TOLERANCE, device: str = "cpu",
               convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
-              options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False) -> CoordCheck:
+              options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False,
+              alignment: str | Mapping[str, Mapping[str, object]] | None = None,
+              measure_alignment: bool = False) -> CoordCheck:
     """Run a coordinate check; ``rule`` may be a ready :class:`Derivation` (e.g. a deliberately altered one).
 
     ``task``: :class:`MLPTask` (default), :class:`GPTTask` or :class:`~mupderive.verify.user.UserTask` (your own
     model, e.g. ``UserTask(build=lambda width: GPT2LMHeadModel(config_at(width)))``). Seed ``first_seed + k`` trains
     on the k-th ``steps`` batches of one stream drawn from ``first_seed`` (the same batches at every width) and,
     with the width, fixes the initialization.
+
+    ``parameterization``: derived, standard, or an analysed one (sp, ntk, mup, mfp, a table, or a path to a JSON
+    table) under ``alignment`` (full by default; :mod:`mupderive.parameterized`): the generated module of that
+    analysis, each layer judged against the slopes the analysis predicts for its role. ``measure_alignment``: also
+    fit every weight matrix's alignment exponents (:mod:`~mupderive.verify.coord.alignment`, ``result.alignment``).
     """
     start = time.perf_counter()
     task = task or MLPTask()
@@ -159,29 +171,42 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     derivation = rule if isinstance(rule, Derivation) else None
     rule = derivation.rule if derivation else rule if isinstance(rule, Rule) else load_rule(rule)
     lr = lr if lr is not None else BASE_LR.get(rule.name, float(rule.lr.default))
+    if alignment is not None and parameterization in ("derived", "standard"):
+        raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
     if parameterization == "derived":
         derivation = derivation or derive(rule, convention, fixes, options)
         module = generated_module(derivation)
         targets = Targets(init_targets(derivation), None)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
                      for role, layer in derivation.layers.items()}
-    elif parameterization == "standard":
+    elif parameterization != "standard":
+        if fixes or options or convention != "spectral" or derivation is not None:
+            raise MupError(f"--parameterization {parameterization}: the analysis fixes every knob, so a derivation, "
+                           f"--fix, --set and --convention apply to the derived parameterization only")
+        derivation = analysed(rule, parameterization, alignment)
+        module = generated_module(derivation)
+        slopes = {role: {k: float(v) for k, v in row.items()} for role, row in
+                  predicted_slopes(derivation.analysis).items()}
+        targets = Targets({"output": Expect("=", slopes["output"]["init"])}, None, slopes)
+        exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
+                     for role, layer in derivation.layers.items()}
+        parameterization = derivation.tag
+    else:
         if derivation is not None or fixes or options:
             raise MupError("a derivation, --fix and --set apply to the derived parameterization only")
         setup = Standard(rule, lr)
         module = generated_module(derive(rule, convention))  # only for the parameter roles
         task = replace(task, attn_scale="standard") if isinstance(task, GPTTask) else task
         targets, exponents = Targets({}, standard_predictions(rule, task, convention)), None
-    else:
-        raise MupError(f"unknown parameterization {parameterization!r}; expected derived or standard")
     train, val = split_corpus(load_corpus())
     eval_x, eval_y = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))
     layers, roles, base, delta = _layers(task, module, widths, eval_x, eval_y, device)
     _warn_unrecorded_attention(layers, module._attention_modules(base))
-    setup = Derived(module, base, delta, lr) if parameterization == "derived" else setup
+    setup = setup if parameterization == "standard" else Derived(module, base, delta, lr)
     setup.bind(roles)
     rms = np.zeros((seeds, len(widths), steps + 1, len(layers), 4))
     loss = np.zeros((seeds, len(widths), steps))
+    terms = np.zeros((seeds, len(widths), steps + 1, len(layers), len(ALIGNMENT))) if measure_alignment else None
     bar = tqdm(total=seeds * len(widths), desc=f"coord-check {rule.name} {task.name} {parameterization}",
                file=sys.stderr, disable=not progress, leave=False)
     stream = task.batches(train, torch.Generator().manual_seed(first_seed), device, task.batch_size)
@@ -196,10 +221,14 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
                 model.to(device)
                 optimizer = setup.prepare(model, torch.Generator(device=device).manual_seed(init_seed))
                 run = train_and_measure(model, optimizer, list(layers), batches, eval_x, needs_graph(optimizer),
-                                        task.loss)
+                                        task.loss, measure_alignment)
                 rms[s, w], loss[s, w] = run.rms.numpy(), run.loss.numpy()
+                if terms is not None:
+                    terms[s, w] = run.terms.numpy()
                 bar.update()
     checks = judge(rms, widths, layers, tolerance, targets)
     failures = diagnose(rms, widths, layers, checks, tolerance)
+    fitted = None if terms is None else fit_alignment(terms, widths, layers, checkpoints(rms), {
+        role: float(Fraction(row.get("multiplier", "0"))) for role, row in (exponents or {}).items()})
     return CoordCheck(rule, task, parameterization, convention, widths, steps, seeds, lr, tolerance, device, layers,
-                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start)
+                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start, fitted)
