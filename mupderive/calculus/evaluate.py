@@ -217,7 +217,8 @@ class Evaluator:
         except (CalculusError, Undecidable) as exc:
             if isinstance(exc, Undecidable) and self.signs.assumptions:
                 raise  # symbolic fans: the caller splits cases
-            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {exc}") from None
+            what = _undecided(exc) if isinstance(exc, Undecidable) else str(exc)
+            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {what}") from None
 
     # -- expressions -----------------------------------------------------------------------------------------
     def expr(self, node: Expr, env: dict[str, Value]) -> Value:
@@ -289,10 +290,10 @@ class Evaluator:
             ratio = f.mul(args[0], f.power(args[1], Fraction(-1), "odd"))
             self.record(node, "atan2", "rms", args, texts)
             return f.clip(ratio, scalar(ZERO, True))
-        if fn == "ema":
+        if fn == "ema":  # beta * old + (1 - beta) * x with beta width-free: balanced as that sum is
             if f.metric(self.settle(args[2]), "rms") not in (ZERO, None):
                 raise CalculusError("ema's beta must be width-independent")
-            return f.add(args[0], args[1])
+            return self.compare(node, "sum", self.metrics.get(id(node), "rms"), args[:2], texts[:2])
         if fn == "matpow":
             a = args[0]
             if len(args) == 3:
@@ -384,13 +385,24 @@ class Evaluator:
                             f"balanced: " + ", ".join(f"{t.text} ~ n^{t.e}" for t in comparison.terms))
 
 
-_NESTED = {"max", "min", "clip", "atan2", "matpow"}
+def _undecided(exc: Undecidable) -> str:
+    """An open order in user terms: which hyperparameters' width exponents ``e(name)`` it depends on."""
+    unknown = sorted(s.split(":", 1)[1] for s in exc.diff.symbols if s.startswith("hyper:"))
+    if not unknown:
+        return str(exc)
+    return (f"which term is larger depends on the width exponent e({'), e('.join(unknown)}) of {', '.join(unknown)} "
+            f"(the sign of {exc.diff} is open) and no sum or comparison fixes it before this point")
+
+
+_NESTED = {"max", "min", "clip", "atan2", "matpow", "ema"}
 
 
 def _operands(node: Expr) -> tuple[Expr, ...]:
     """The compared operands of a comparison node (a sum's two sides, a call's arguments)."""
     if isinstance(node, BinOp):
         return (node.left, node.right)
+    if isinstance(node, Call) and node.fn == "ema":
+        return node.args[:2]  # beta is a width-free weight, not a compared term
     return node.children()
 
 
