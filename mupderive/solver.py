@@ -7,13 +7,14 @@ Per layer with multiplier ``n^m``, spectral condition (THEORY section 2) on the 
 
 with the hyperparameter exponents inside ``U`` fixed by regime preservation (the balance points of
 :mod:`mupderive.calculus.evaluate`). The abc-symmetry degree is ``kappa = lr(m) - lr(m + 1)``; an ``if_fixed`` scenario
-pins one hyperparameter at exponent 0 and lets the larger term win everywhere.
+pins one hyperparameter at exponent 0, the others at the rule's defaults (one that defaults to 0 is absent), and lets
+the larger term win everywhere.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, Term, hyper_symbol
@@ -170,33 +171,64 @@ def make_layer(role: str, m: Exp, init: Exp | None = None, signs: Signs | None =
 
 @dataclass(frozen=True)
 class Regime:
-    """What happens when one hyperparameter is kept width-independent."""
+    """What happens when one hyperparameter is kept width-independent, the others at the rule's defaults: those
+    that default to 0 (``absent``) are left out, the rest scaled as derived. ``with_set`` is the same scenario with
+    the absent ones set and scaled as derived (None when there are none)."""
 
     text: str
     lr: Exp
     kappa: Exp
     comparisons: tuple[Comparison, ...]
     outcome: Outcome | None = field(default=None, compare=False, repr=False)  # the pinned step (None: nothing moved)
+    absent: tuple[str, ...] = ()
+    with_set: Regime | None = field(default=None, compare=False, repr=False)
 
 
 def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
-    """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width."""
-    layer, derived = balanced.layer, balanced.hyper[name]
+    """Pin ``name`` at exponent 0, at the rule's defaults (hyperparameters defaulting to 0 absent, others as
+    derived), and see which terms win at large width; where it differs, also say what happens with those set."""
+    derived = balanced.hyper[name]
     if derived == ZERO:
         return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO), balanced.lr,
                       balanced.lr - shifted.lr, ())
-    pins = dict(balanced.hyper) | {name: ZERO}
+    absent = tuple(h.name for h in rule.scale_hypers if h.default == 0 and h.name != name)
+    with_set = _pinned(rule, balanced, shifted, name, flags, ())
+    if not absent:
+        return with_set
+    try:
+        at_defaults = _pinned(rule, balanced, shifted, name, flags, absent)
+    except CalculusError as exc:
+        return replace(with_set, text=f"{with_set.text} (with {_listed(absent)} set; at the default 0 the step "
+                                      f"cannot be bounded: {exc})")
+    text = at_defaults.text
+    if (at_defaults.lr, at_defaults.kappa) != (with_set.lr, with_set.kappa):
+        setting = "the default 0" if len(absent) == 1 else "their default 0"
+        text += (f" (with {_listed(absent)} at {setting}; with {_listed(absent)} set and scaled as derived instead, "
+                 f"{_lr_text(with_set.lr, balanced.lr, with_set.kappa)})")
+    return replace(at_defaults, text=text, absent=absent, with_set=with_set)
+
+
+def _pinned(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool],
+            absent: tuple[str, ...]) -> Regime:
+    """The step with ``name`` at exponent 0, ``absent`` set to 0 and the other hyperparameters as derived."""
+    layer, derived = balanced.layer, balanced.hyper[name]
+    zeroed: dict[str, Exp | None] = dict.fromkeys(absent)
+    pins = dict(balanced.hyper) | {name: ZERO} | zeroed
     outcome = evaluate(rule, layer, flags, pins, False)
     lr = layer.target - layer.m - update_norm(outcome, layer, Signs())
     kappa = balanced.lr - shifted.lr
     if lr != balanced.lr:  # a new regime: how does the update respond to rescaling the gradient there?
-        shifted_pins = dict(shifted.hyper) | {name: ZERO}
+        shifted_pins = dict(shifted.hyper) | {name: ZERO} | zeroed
         kappa = lr - (shifted.layer.target - shifted.layer.m - update_norm(
             evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs()))
     touched = tuple(c for c in outcome.comparisons if name in c.direct) or tuple(
         c for c in outcome.comparisons  # e.g. a state whose initial value carries the hyperparameter
         if c.op != "decay" and any(name in t.hypers for t in c.terms) and not all(name in t.hypers for t in c.terms))
     return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched, outcome)
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    return ", ".join(names)
 
 
 def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: Exp, lr_derived: Exp,
@@ -211,10 +243,13 @@ def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: E
             parts.append(_dominance(comparison, mine[0], max(other, key=lambda t: t.e.const)))
     where = "; ".join(parts) or f"{name} drifts away from its balance point"
     grows = "grows" if derived.const < 0 else "shrinks"
-    head = f"{name} {grows} relative to what it is compared with: {where}"
+    return f"{name} {grows} relative to what it is compared with: {where}; {_lr_text(lr, lr_derived, kappa)}"
+
+
+def _lr_text(lr: Exp, lr_derived: Exp, kappa: Exp) -> str:
     if lr == lr_derived:
-        return f"{head}; the learning-rate exponent is unchanged"
-    return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ n^{lr} instead of n^{lr_derived}"
+        return "the learning-rate exponent is unchanged"
+    return f"the update becomes {behaviour(kappa)} and needs lr ~ n^{lr} instead of n^{lr_derived}"
 
 
 def _dominance(comparison: Comparison, mine: Term, other: Term) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from mupderive import CalculusError, derive, load_rule, parse_rule
 from mupderive.calculus.evaluate import hyper_symbol
 from mupderive.calculus.exponent import Exp, Undecidable
+from mupderive.verify.oracle import plan_role, render_table, run_oracle
 
 RULES = Path(__file__).resolve().parent / "rules"
 # atan2 records its operands without balancing them: the order of m and damp * |m| stays open
@@ -72,3 +74,49 @@ def test_a_user_message_of_an_open_order_names_the_hyperparameter(tmp_path):
         derive(load_rule(path))
     message = str(err.value)
     assert "hyper:" not in message and "e(damp)" in message and re.search(r"open\.toml:\d+:\d+", message)
+
+
+# -- 2. if_fixed diagnoses hold at the rule's defaults ---------------------------------------------------------
+@pytest.mark.parametrize(("rule", "name"), [("schedulefree_adamw.toml", "eps"),
+                                            ("shampoo_grafted.toml", "diagonal_eps")])
+def test_a_fixed_eps_is_diagnosed_at_the_default_weight_decay_0(rule, name):
+    """weight_decay defaults to 0, so keeping eps fixed at the defaults makes the update G / eps (SGD-like, lr n^0);
+    only with weight_decay set and scaled does the lr exponent stay (before: "unchanged" at every setting)."""
+    hidden = derive(load_rule(RULES / rule)).layers["hidden"]
+    regime = hidden.if_fixed[name]
+    assert regime.absent == ("weight_decay",)
+    assert regime.lr == hidden.lr + 1 and regime.kappa == 2
+    assert regime.with_set is not None and regime.with_set.lr == hidden.lr
+    assert "SGD-like" in regime.text and "weight_decay at the default 0" in regime.text
+
+
+def test_the_oracle_runs_a_fixed_hyperparameter_at_the_rules_defaults():
+    """The real ScheduleFreeAdamW with eps fixed at its default weight_decay 0 follows the new diagnosis
+    (|dW|_* ~ n^-1 at the derived lr), with weight_decay set the old one (n^0); an oracle given the old diagnosis
+    (unchanged) fails at the defaults."""
+    path = RULES / "schedulefree_adamw.toml"
+    derivation = derive(load_rule(path))
+    report = run_oracle(path, derivation, widths=(64, 128, 256, 512), steps=3, seeds=2, roles=("hidden",))
+    at_defaults = report.check("hidden", "|dW|_*", "eps fixed")
+    with_set = report.check("hidden", "|dW|_*", "eps fixed, weight_decay set")
+    assert (at_defaults.quantity.predicted, with_set.quantity.predicted) == (-1, 0)
+    assert report.passed, render_table(report)
+    hidden = derivation.layers["hidden"]
+    old = dataclasses.replace(hidden, if_fixed=hidden.if_fixed | {"eps": hidden.if_fixed["eps"].with_set})
+    wrong = dataclasses.replace(derivation, layers=derivation.layers | {"hidden": old})
+    caught = run_oracle(path, wrong, widths=(64, 128, 256, 512), steps=3, seeds=2, roles=("hidden",))
+    assert not caught.check("hidden", "|dW|_*", "eps fixed").passed
+
+
+# -- 4. a term exactly zero behind a false flag is not compared --------------------------------------------------
+def test_a_decay_that_is_zero_behind_a_false_flag_is_not_checked():
+    """decay = weight_decay if decoupled else 0 is exactly zero at the default: its comparison with the direction has
+    one live term, which the oracle must not check as a compared term (before: checked, without the update's log)."""
+    rule = load_rule(RULES / "adam_decoupled_flag.toml")
+    derivation = derive(rule)
+    for role in ("hidden", "input"):
+        plan = plan_role(rule, derivation.layers[role], 64)
+        labels = [q.label for s in plan.scenarios for q in s.quantities if q.source == "term"]
+        assert labels and not [label for label in labels if "(weight_decay if decoupled else 0) * W" in label]
+    coupled = plan_role(rule, derivation.layers["hidden"], 64).scenarios[0].quantities
+    assert any("(0 if decoupled else weight_decay) * W in" in q.label for q in coupled)
