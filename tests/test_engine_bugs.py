@@ -120,3 +120,17 @@ def test_a_decay_that_is_zero_behind_a_false_flag_is_not_checked():
         assert labels and not [label for label in labels if "(weight_decay if decoupled else 0) * W" in label]
     coupled = plan_role(rule, derivation.layers["hidden"], 64).scenarios[0].quantities
     assert any("(0 if decoupled else weight_decay) * W in" in q.label for q in coupled)
+
+
+# -- 3. an eps a state accumulates is calibrated --------------------------------------------------------------
+def test_the_oracle_calibrates_an_eps_inside_a_states_recursion():
+    """AdaBelief adds eps to s at every step (s = ema(s, r**2) + eps), so every term of that sum carries eps; the
+    term that adds it is balanced against the one that reaches it only through s (before: "cannot be balanced",
+    the default 1e-16 kept, and the eps-fixed scenario never left the derived regime)."""
+    path = RULES / "adabelief.toml"
+    report = run_oracle(path, widths=(64, 128, 256, 512), steps=3, seeds=2, roles=("hidden",))
+    (role,) = report.roles
+    assert any(note.startswith("eps = ") and "balances ema(s, r**2, beta2)" in note for note in role.notes), role.notes
+    fixed = report.check("hidden", "|dW|_*", "eps fixed")
+    assert fixed.quantity.predicted == -1 and fixed.passed, render_table(report)
+    assert report.passed, render_table(report)

@@ -98,6 +98,15 @@ class Comparison:
         """Names appearing in the operands outside any nested comparison."""
         return frozenset().union(*(_direct_names(x) for x in _operands(self.node)))
 
+    @cached_property
+    def direct_by_term(self) -> tuple[frozenset[str], ...] | None:
+        """Per term, the names its operand reads outside nested comparisons (None where the terms are not the
+        operands one to one: clip's bound, a damping's ``eps * eye``)."""
+        operands = _operands(self.node)
+        if len(operands) != len(self.sizes):
+            return None
+        return tuple(_direct_names(x) for x in operands)
+
 
 @dataclass
 class Outcome:

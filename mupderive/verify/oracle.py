@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mupderive.calculus.evaluate import Comparison, Outcome
+from mupderive.calculus.evaluate import Comparison, Outcome, Term
 from mupderive.calculus.exponent import ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.derivation import Derivation, LayerDerivation, derive
@@ -278,7 +278,8 @@ def plan_role(rule: Rule, layer: LayerDerivation, n_base: int) -> RolePlan:
             continue  # already width-independent: nothing drifts
         # at the rule's own defaults (hyperparameters that default to 0 left at 0), which the diagnosis must hold
         # at, and with those set as calibrated where the diagnosis says that changes the regime
-        absent = tuple(h.name for h in applied.scale_hypers if h.default == 0 and h.name != name)
+        absent = tuple(h.name for h in applied.scale_hypers
+                       if h.default == 0 and h.name != name and h.name in layer.hyper)
         runs = [(regime, f"{name} fixed", regime.text, absent)]
         if regime.with_set is not None and (regime.with_set.lr, regime.with_set.kappa) != (regime.lr, regime.kappa):
             runs.append((regime.with_set, f"{name} fixed, {', '.join(absent)} set", regime.with_set.text, ()))
@@ -452,13 +453,15 @@ def calibrate(plan: RolePlan, steps: int, seed: int, device: str, n_max: int) ->
     rule, layer = plan.rule, plan.synthetic(plan.n_base, steps, seed, device)
     plan.base = {h.name: h.default for h in rule.hypers}
     done: set[str] = set()
+    points = []  # (comparison, live terms) where the terms are of one order (else one is ahead at every width)
     for c in plan.layer.balanced.outcome.comparisons:
         live = [(i, t) for i, t in enumerate(c.terms) if t.e is not None]
-        if len({t.e for _, t in live}) != 1:
-            continue  # not a balance point: one term dominates at every width
+        if len({t.e for _, t in live}) == 1:
+            points.append((c, live))
+    direct = {h.name for h in rule.scale_hypers for c, live in points if all(_sides(c, h.name, live, True))}
+    for c, live in points:
         for h in rule.scale_hypers:
-            own = [i for i, t in live if h.name in t.hypers]
-            other = [i for i, t in live if h.name not in t.hypers]
+            own, other = _sides(c, h.name, live, h.name in direct)
             if h.name in done or not own or not other:
                 continue
             done.add(h.name)
@@ -476,6 +479,20 @@ def calibrate(plan: RolePlan, steps: int, seed: int, device: str, n_max: int) ->
             plan.notes.append(f"{name}: the implementation rejects {plan.base[name]:.3g} ({exc}); default "
                               f"{default:g} kept")
             plan.base[name] = default
+
+
+def _sides(c: Comparison, name: str, live: list[tuple[int, Term]], direct: bool) -> tuple[list[int], list[int]]:
+    """The terms of ``c`` that carry hyperparameter ``name`` and those that do not. With ``direct``, the terms that
+    read it themselves against those that do not: where a state accumulates it (AdaBelief's ``s = ema(s, r**2) +
+    eps``) every term carries it, and only the term that adds it moves with it from the first step. A hyperparameter
+    that some balance point reads directly is balanced there; one that only a state carries (started at
+    ``eps * I``), where it carries it."""
+    if not direct:
+        return [i for i, t in live if name in t.hypers], [i for i, t in live if name not in t.hypers]
+    by_term = c.direct_by_term
+    if by_term is None:
+        return [], []
+    return [i for i, _ in live if name in by_term[i]], [i for i, _ in live if name not in by_term[i]]
 
 
 def _limit_lr(plan: RolePlan, layer: Layer, n_max: int) -> None:
