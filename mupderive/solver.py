@@ -125,7 +125,8 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
                             f"direction {show_expr(body.direction)} does not depend on the gradient: no learning "
                             f"rate makes it learn features")
     signs = signs or Signs()
-    pins: dict[str, Exp] = {}
+    unused = [h.name for h in rule.scale_hypers if h.name not in body.reads]  # '-' in tables: not this rule's
+    pins: dict[str, Exp | None] = dict.fromkeys(unused)
     notes: list[str] = []
     for _ in range(len(rule.hypers) + 2):
         try:
@@ -140,7 +141,7 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
                              f"learning rate absorbs): kept width-independent")
             continue
         hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
-                 for h in rule.scale_hypers}
+                 for h in rule.scale_hypers if h.name not in unused}
         lr = layer.target - layer.m - update_norm(outcome, layer, signs)
         return Balanced(layer, outcome, hyper, lr, notes)
     raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
@@ -191,7 +192,7 @@ def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags
     if derived == ZERO:
         return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO), balanced.lr,
                       balanced.lr - shifted.lr, ())
-    absent = tuple(h.name for h in rule.scale_hypers if h.default == 0 and h.name != name)
+    absent = tuple(h.name for h in rule.scale_hypers if h.default == 0 and h.name != name and h.name in balanced.hyper)
     with_set = _pinned(rule, balanced, shifted, name, flags, ())
     if not absent:
         return with_set

@@ -11,9 +11,12 @@ import pytest
 from mupderive import CalculusError, derive, load_rule, parse_rule
 from mupderive.calculus.evaluate import hyper_symbol
 from mupderive.calculus.exponent import Exp, Undecidable
+from mupderive.codegen.generate import generate
+from mupderive.render import text_table as render_text
 from mupderive.verify.oracle import plan_role, render_table, run_oracle
 
-RULES = Path(__file__).resolve().parent / "rules"
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "tests" / "rules"
 # atan2 records its operands without balancing them: the order of m and damp * |m| stays open
 OPEN_ORDER = """\
 name = "open"
@@ -134,3 +137,50 @@ def test_the_oracle_calibrates_an_eps_inside_a_states_recursion():
     fixed = report.check("hidden", "|dW|_*", "eps fixed")
     assert fixed.quantity.predicted == -1 and fixed.passed, render_table(report)
     assert report.passed, render_table(report)
+
+
+# -- 5. a literal compared with a width-scaled term is a fixed hyperparameter, and the derivation says so ---------
+def test_a_literal_eps_is_reported_with_the_regime_it_forces():
+    """AdamW with a hard-coded 1e-8 in place of eps derives as a fixed eps would (SGD-like, kappa 2), and every
+    layer it changes carries a note naming file:line:col, the literal and what scaling it would give instead."""
+    text = (ROOT / "rules" / "adamw.toml").read_text(encoding="utf-8")
+    old = 'direction = "m_hat / (sqrt(v_hat) + eps)"'
+    literal_text = text.replace(old, old.replace("eps)", "1e-8)"))
+    line = literal_text.splitlines().index(old.replace("eps)", "1e-8)")) + 1
+    col = literal_text.splitlines()[line - 1].index("1e-8") + 1
+    derivation = derive(parse_rule(literal_text, "literal.toml"))
+    hidden = derivation.layers["hidden"]
+    assert hidden.lr == 0 and hidden.kappa == 2  # the literal's meaning is kept: a width-independent 1e-8
+    (note,) = [n for n in hidden.notes if "literal" in n]
+    assert note.startswith(f"literal.toml:{line}:{col}: the literal 1e-08 is a width-independent constant")
+    assert "1e-08 dominates sqrt(v_hat)" in note and "SGD-like" in note
+    assert "it would scale as n^-1, with lr ~ n^-1" in note
+    assert not [n for n in derivation.layers["output"].notes if "literal" in n]  # sqrt(v_hat) ~ n^0 there
+
+
+def test_literals_next_to_width_free_terms_are_not_reported():
+    """1 - beta1**t, 1 - c with c = 1/t and the like compare width-free scalars: no note."""
+    for path in [*sorted((ROOT / "rules").glob("*.toml")), RULES / "schedulefree_adamw.toml"]:
+        derivation = derive(load_rule(path))
+        assert not [n for layer in derivation.layers.values() for n in layer.notes if "literal" in n], path.name
+
+
+# -- 6. a hyperparameter a role's rule never reads is '-', not 0 -----------------------------------------------
+def test_a_hyperparameter_the_vector_rule_never_reads_is_not_derived_for_it():
+    """The grafted Shampoo's vector rule has no matrix_eps: no exponent (JSON omits it, tables and the generated
+    module show '-'), no if_fixed entry and no note claiming it enters no comparison."""
+    derivation = derive(load_rule(RULES / "shampoo_grafted.toml"))
+    vector = derivation.layers["vector"]
+    assert "matrix_eps" not in vector.hyper and "matrix_eps" not in vector.if_fixed
+    assert not [n for n in vector.notes if "matrix_eps" in n]
+    assert "matrix_eps" in derivation.layers["hidden"].hyper
+    document = derivation.to_json()
+    assert "matrix_eps" not in document["layers"]["vector"]["hyper"]
+    assert "matrix_eps" in document["layers"]["hidden"]["hyper"]
+    table = render_text(derivation).splitlines()
+    columns = table[2].split()
+    row = next(line.split() for line in table if line.split()[:1] == ["vector"])
+    assert row[columns.index("matrix_eps")] == "-"
+    source = generate(derivation)
+    exponents = next(line for line in source.splitlines() if line.lstrip().startswith('"vector": {"multiplier"'))
+    assert '"matrix_eps"' not in exponents and '"diagonal_eps"' in exponents
