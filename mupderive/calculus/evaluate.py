@@ -19,7 +19,7 @@ from functools import cached_property
 from mupderive.calculus.demand import sum_metrics
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame, Part, Value, scalar
-from mupderive.errors import CalculusError
+from mupderive.errors import CalculusError, RuleError
 from mupderive.language.check import PARAM_SHAPES, Checker
 from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, const_value
 from mupderive.language.printer import show_expr
@@ -270,6 +270,11 @@ class Evaluator:
             if a.shape or a.is_zero or f.metric(base, "rms") != ZERO:
                 raise CalculusError("a non-constant power needs a width-independent scalar base (like beta ** t)")
             return scalar(ZERO, True)
+        if exponent.denominator != 1 and a.shape and not a.nonneg:  # torch.pow gives NaN at negative entries
+            raise RuleError(self.path, node.loc.line, node.loc.col,
+                            f"{show_expr(node)}: a fractional power of a quantity that can be negative",
+                            f"abs({show_expr(node.left)}) ** {show_expr(node.right)}, or sqrt() of a quantity "
+                            f"known to be nonnegative such as a variance")
         parity = "pos" if exponent.denominator != 1 else ("even" if exponent.numerator % 2 == 0 else "odd")
         return f.power(a, exponent, parity)
 

@@ -4,13 +4,16 @@ it. Rule text reaches it only through :func:`safe.text` (and :func:`safe.wrap`).
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Mapping
+from pathlib import Path
 
 from mupderive.codegen import safe
 from mupderive.codegen.parts import Part, bodies
 from mupderive.derivation import Derivation
 from mupderive.errors import MupError
 from mupderive.language.rule import Rule
+from mupderive.resources import builtin_rule_names, builtin_rule_path
 
 CONVENTION_TEXT = {
     "spectral": "spectral (all multipliers 1; init and lr from the spectral condition, TP-V Table 3)",
@@ -41,12 +44,22 @@ def _title_line(rule: Rule) -> str:
 
 
 def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
-    words = ["mupderive generate", derivation.rule.name]
+    """The ``mupderive generate`` command line that gives this module: a built-in rule by name, a rule file by the
+    path it was loaded from (shell-quoted; a placeholder, said so, where the path cannot be written here)."""
+    rule = derivation.rule
+    builtin = rule.name in builtin_rule_names() and Path(rule.path) == builtin_rule_path(rule.name)
+    argument = rule.name if builtin else safe.shell_word(rule.path)
+    words = ["mupderive generate", argument or f"PATH/TO/{rule.name}.toml"]
     if derivation.convention != "spectral":
         words.append(f"--convention {derivation.convention}")
     words += [f"--fix {f}" for f in derivation.fixes]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
-    return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
+    lines = textwrap.wrap(" ".join(words) + f" -o mup_{rule.name}.py", 112, initial_indent="    ",
+                          subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    if argument is None:
+        lines += safe.wrap(f"(with PATH/TO/{rule.name}.toml the rule file, whose path cannot be written here)",
+                           112, "    ")
+    return lines
 
 
 def convention_name(convention: str) -> str:
