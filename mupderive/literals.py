@@ -26,17 +26,31 @@ def _key(expr: Expr) -> Key:
 
 
 def compared_literals(outcome: Outcome) -> list[Expr]:
-    """Constant operands of comparisons whose other terms scale with width or carry a hyperparameter."""
+    """Literals that set the scale of a compared term (the term itself, ``sqrt(v) + 1e-8``, or a factor of a term
+    without hyperparameters, ``G + 0.01 * W``) where another term is of another order or carries a hyperparameter."""
     found: dict[Key, Expr] = {}
     for c in outcome.comparisons:
         for index, group in enumerate(_term_operands(c)):
+            own, hypers = c.sizes[index] if index < len(c.sizes) else (None, frozenset())
             values = [const_value(x) for x in group]
-            if None in values or not any(values):
-                continue
-            others = [(e, hypers) for j, (e, hypers) in enumerate(c.sizes) if j != index and e is not None]
-            if any(e != 0 or hypers for e, hypers in others):
-                found.update((_key(x), x) for x in group)
+            if None not in values:
+                literals = list(group) if any(values) else []
+            else:
+                literals = [] if hypers or len(group) != 1 else _factors(group[0])
+            others = [(e, h) for j, (e, h) in enumerate(c.sizes) if j != index and e is not None]
+            if own is not None and literals and any(e != own or h for e, h in others):
+                found.update((_key(x), x) for x in literals)
     return list(found.values())
+
+
+def _factors(expr: Expr) -> list[Expr]:
+    """Nonzero literal factors of a product or quotient (through unary minus)."""
+    if isinstance(expr, Neg):
+        return _factors(expr.arg)
+    if isinstance(expr, BinOp) and expr.op in "*/":
+        return [*_factors(expr.left), *_factors(expr.right)]
+    value = const_value(expr)
+    return [expr] if value is not None and value != 0 else []
 
 
 def _term_operands(c: Comparison) -> list[tuple[Expr, ...]]:
@@ -62,16 +76,21 @@ def literal_notes(rule: Rule, balanced: Balanced, shifted: Balanced, flags: dict
     names = _names(rule, literals)
     declared = _declared(rule, names)
     notes = []
+    try:
+        scaled, scaled_shift = (balance_layer(declared, b.layer, flags) for b in (balanced, shifted))
+    except MupError as exc:
+        scaled, failure = None, exc
     for expr in literals:
         name = names[_key(expr)]
         where = f"{rule.path or rule.name}:{expr.loc.line}:{expr.loc.col}"
         head = (f"{where}: the literal {show_expr(expr)} is a width-independent constant, i.e. a hyperparameter kept "
                 f"fixed")
         try:
-            scaled = balance_layer(declared, balanced.layer, flags)
-            regime = if_fixed(declared, scaled, balance_layer(declared, shifted.layer, flags), name, flags)
+            if scaled is None:
+                raise failure
+            regime = if_fixed(declared, scaled, scaled_shift, name, flags)
         except MupError as exc:
-            notes.append(f"{head}, compared with a term that scales with width ({exc}); declare it as a "
+            notes.append(f"{head}, compared with a term of another width scale ({exc}); declare it as a "
                          f"role = \"scale\" hyperparameter to derive its exponent")
             continue
         exponent = scaled.hyper[name]

@@ -199,12 +199,12 @@ def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags
     try:
         at_defaults = _pinned(rule, balanced, shifted, name, flags, absent)
     except CalculusError as exc:
-        return replace(with_set, text=f"{with_set.text} (with {_listed(absent)} set; at the default 0 the step "
+        return replace(with_set, text=f"{with_set.text} (with {', '.join(absent)} set; at the default 0 the step "
                                       f"cannot be bounded: {exc})")
-    text = at_defaults.text
+    text, listed = at_defaults.text, ", ".join(absent)
     if (at_defaults.lr, at_defaults.kappa) != (with_set.lr, with_set.kappa):
         setting = "the default 0" if len(absent) == 1 else "their default 0"
-        text += (f" (with {_listed(absent)} at {setting}; with {_listed(absent)} set and scaled as derived instead, "
+        text += (f" (with {listed} at {setting}; with {listed} set and scaled as derived instead, "
                  f"{_lr_text(with_set.lr, balanced.lr, with_set.kappa)})")
     return replace(at_defaults, text=text, absent=absent, with_set=with_set)
 
@@ -226,10 +226,6 @@ def _pinned(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags:
         c for c in outcome.comparisons  # e.g. a state whose initial value carries the hyperparameter
         if c.op != "decay" and any(name in t.hypers for t in c.terms) and not all(name in t.hypers for t in c.terms))
     return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched, outcome)
-
-
-def _listed(names: tuple[str, ...]) -> str:
-    return ", ".join(names)
 
 
 def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: Exp, lr_derived: Exp,

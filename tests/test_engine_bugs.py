@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import stat
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,13 @@ def test_generated_files_have_normal_permissions(tmp_path):
             "new.py", "private.py"]
     finally:
         os.umask(umask)
+
+
+def test_a_literal_factor_of_a_compared_term_is_reported():
+    """Adam with coupled decay hard-coded as G + 0.01 * W: 0.01 is a weight decay kept fixed."""
+    text = (ROOT / "rules" / "adam.toml").read_text(encoding="utf-8").replace("g = G + weight_decay * W",
+                                                                                "g = G + 0.01 * W")
+    hidden = derive(parse_rule(text, "factor.toml")).layers["hidden"]
+    (note,) = [n for n in hidden.notes if "literal" in n]
+    assert "the literal 0.01 is a width-independent constant" in note and "0.01 * W dominates G" in note
+    assert "it would scale as n^-1/2, with lr ~ n^-1" in note and hidden.lr == Fraction(-1, 2)
