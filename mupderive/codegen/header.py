@@ -4,7 +4,6 @@ it. Rule text reaches it only through :func:`safe.text` (and :func:`safe.wrap`).
 from __future__ import annotations
 
 import re
-import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,18 +43,25 @@ def _title_line(rule: Rule) -> str:
 
 
 def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
-    """The ``mupderive generate`` command line that gives this module: a built-in rule by name, a rule file by the
-    path it was loaded from (shell-quoted; a placeholder, said so, where the path cannot be written here)."""
+    """The ``mupderive generate`` command line that gives this module: a built-in rule by name, a rule file by its
+    resolved path, shell-quoted (a placeholder, said so, where there is no such file or its path cannot be written
+    here). Lines break between arguments only (an option with its value)."""
     rule = derivation.rule
     builtin = rule.name in builtin_rule_names() and Path(rule.path) == builtin_rule_path(rule.name)
-    argument = rule.name if builtin else safe.shell_word(rule.path)
-    words = ["mupderive generate", argument or f"PATH/TO/{rule.name}.toml"]
+    path = Path(rule.path).resolve() if rule.path else None
+    argument = rule.name if builtin else safe.shell_word(str(path)) if path and path.is_file() else None
+    words = ["mupderive generate", argument or f"PATH/TO/{rule.name}.toml"]  # an option stays with its value
     if derivation.convention != "spectral":
         words.append(f"--convention {derivation.convention}")
-    words += [f"--fix {f}" for f in derivation.fixes]
+    words += [f"--fix {fix}" for fix in derivation.fixes]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
-    lines = textwrap.wrap(" ".join(words) + f" -o mup_{rule.name}.py", 112, initial_indent="    ",
-                          subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    words.append(f"-o mup_{rule.name}.py")
+    lines = [f"    {words[0]}"]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > 116:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
     if argument is None:
         lines += safe.wrap(f"(with PATH/TO/{rule.name}.toml the rule file, whose path cannot be written here)",
                            112, "    ")

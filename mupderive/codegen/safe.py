@@ -115,7 +115,7 @@ def text(value: object) -> str:
     return " ".join("".join(out).split())
 
 
-def shell_word(value: str, limit: int = 96) -> str | None:
+def shell_word(value: str, limit: int = 100) -> str | None:
     """``value`` quoted for a POSIX shell (``shlex.quote``) when the result is also :func:`text` (no double quotes,
     backslashes or non-ASCII) and at most ``limit`` characters; else None."""
     quoted = shlex.quote(value)

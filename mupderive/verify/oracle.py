@@ -5,7 +5,9 @@ mirrors, built from its ``[implementation]`` table with every hyperparameter at 
 (``value(n) = base * (n / n_base)^E``), and by the rule's reference interpreter on the same gradients. Log-log slopes
 over widths of ``|dW|_*``, ``|dW|_F``, ``rms(dW)``, ``|dW x|/|x|``, ``|lr U|_*`` and of every compared term are
 checked against the calculus, and the two trajectories must agree (else the rule does not mirror its implementation).
-Each scale-carrying hyperparameter is then kept fixed to confirm the drift the derivation predicts (``if_fixed``).
+Each scale-carrying hyperparameter is then kept fixed to confirm the drift the derivation predicts (``if_fixed``), at
+the rule's own defaults (those that default to 0 held at 0) and, where the diagnosis says setting them changes the
+regime, with them set.
 
 Base values are the rule's defaults, except that a hyperparameter at a balance point is set to balance its term at
 the base width (a default such as eps = 1e-8 never enters, so its exponent would go untested) and the learning rate
