@@ -77,7 +77,10 @@ def literal_notes(rule: Rule, balanced: Balanced, shifted: Balanced, flags: dict
     declared = _declared(rule, names)
     notes = []
     try:
-        scaled, scaled_shift = (balance_layer(declared, b.layer, flags) for b in (balanced, shifted))
+        scaled = balance_layer(declared, balanced.layer, flags)
+        if all(scaled.hyper[names[_key(x)]] == 0 for x in literals):
+            return []  # each is compared with width-independent terms here: kept fixed is what scaling gives
+        scaled_shift = balance_layer(declared, shifted.layer, flags)
     except MupError as exc:
         scaled, failure = None, exc
     for expr in literals:
@@ -88,14 +91,14 @@ def literal_notes(rule: Rule, balanced: Balanced, shifted: Balanced, flags: dict
         try:
             if scaled is None:
                 raise failure
+            exponent = scaled.hyper[name]
+            if exponent == 0:
+                continue  # what it is compared with is width-independent here: kept fixed is what scaling gives
             regime = if_fixed(declared, scaled, scaled_shift, name, flags)
         except MupError as exc:
             notes.append(f"{head}, compared with a term of another width scale ({exc}); declare it as a "
                          f"role = \"scale\" hyperparameter to derive its exponent")
             continue
-        exponent = scaled.hyper[name]
-        if exponent == 0:
-            continue  # what it is compared with is width-independent here: keeping it fixed is what scaling does
         notes.append(f"{head}: {regime.text}. The derivation keeps it fixed (lr ~ n^{balanced.lr}); declared as a "
                      f"role = \"scale\" hyperparameter it would scale as n^{exponent}, with lr ~ n^{scaled.lr}")
     return notes
