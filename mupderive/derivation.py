@@ -18,6 +18,7 @@ from mupderive.depth import BRANCH_ROLES, Depth, DepthDerivation, DepthLayer, de
 from mupderive.errors import CalculusError, MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Rule
+from mupderive.literals import literal_notes
 from mupderive.solver import (
     CONVENTIONS,
     FANS,
@@ -322,10 +323,10 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
         m = m + (balanced.lr - knobs["lr"]) / kappa.const
         balanced = balance_layer(rule, make_layer(role, m, fans=fans), flags)
         shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans), flags)
-    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in rule.scale_hypers}
-    notes = list(balanced.notes)
-    notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in rule.scale_hypers
-              if h.default == 0]
+    used = [h for h in rule.scale_hypers if h.name in balanced.hyper]  # the others: not read by this role's rule
+    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in used}
+    notes = list(balanced.notes) + literal_notes(rule, balanced, shifted, flags)
+    notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in used if h.default == 0]
     layer = balanced.layer
     return LayerDerivation(role, rule.name, layer.o, layer.i, layer.m, layer.init, balanced.lr, balanced.hyper,
                            regimes, kappa, balanced, tuple(notes))

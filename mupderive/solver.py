@@ -7,13 +7,14 @@ Per layer with multiplier ``n^m``, spectral condition (THEORY section 2) on the 
 
 with the hyperparameter exponents inside ``U`` fixed by regime preservation (the balance points of
 :mod:`mupderive.calculus.evaluate`). The abc-symmetry degree is ``kappa = lr(m) - lr(m + 1)``; an ``if_fixed`` scenario
-pins one hyperparameter at exponent 0 and lets the larger term win everywhere.
+pins one hyperparameter at exponent 0, the others at the rule's defaults (one that defaults to 0 is absent), and lets
+the larger term win everywhere.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from mupderive.calculus.evaluate import (
@@ -156,7 +157,8 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
                             f"direction {show_expr(body.direction)} does not depend on the gradient: no learning "
                             f"rate makes it learn features")
     signs = signs or Signs()
-    pins: dict[str, Exp] = {}
+    unused = [h.name for h in rule.scale_hypers if h.name not in body.reads]  # '-' in tables: not this rule's
+    pins: dict[str, Exp | None] = dict.fromkeys(unused)
     notes: list[str] = []
     for _ in range(len(rule.hypers) + 2):
         try:
@@ -171,7 +173,7 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
                              f"learning rate absorbs): kept {independent(layer.variable)}")
             continue
         hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
-                 for h in rule.scale_hypers}
+                 for h in rule.scale_hypers if h.name not in unused}
         lr = layer.target - layer.m - update_norm(outcome, layer, signs)
         return Balanced(layer, outcome, hyper, lr, notes + [f"assumed: {a}" for a in outcome.assumed])
     raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
@@ -207,28 +209,57 @@ def make_layer(role: str, m: Exp, init: Exp | None = None, signs: Signs | None =
 
 @dataclass(frozen=True)
 class Regime:
-    """What happens when one hyperparameter is kept independent of the scaling variable."""
+    """What happens when one hyperparameter is kept independent of the scaling variable, the others at the rule's
+    defaults: those that default to 0 (``absent``) are left out, the rest scaled as derived. ``with_set`` is the same
+    scenario with the absent ones set and scaled as derived (None when there are none)."""
 
     text: str
     lr: Exp
     kappa: Exp
     comparisons: tuple[Comparison, ...]
     outcome: Outcome | None = field(default=None, compare=False, repr=False)  # the pinned step (None: nothing moved)
+    absent: tuple[str, ...] = ()
+    with_set: Regime | None = field(default=None, compare=False, repr=False)
 
 
 def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
-    """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width (or depth)."""
+    """Pin ``name`` at exponent 0, at the rule's defaults (hyperparameters defaulting to 0 absent, others as
+    derived), and see which terms win at large width (or depth); where it differs, also say what happens with those
+    set."""
     layer, derived = balanced.layer, balanced.hyper[name]
-    step = (shifted.layer.m - layer.m).const  # kappa per unit of multiplier exponent (a small step stays in regime)
     if derived == ZERO:
+        step = (shifted.layer.m - layer.m).const
         return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO, layer.variable), balanced.lr,
                       (balanced.lr - shifted.lr) / step, ())
-    pins = dict(balanced.hyper) | {name: ZERO}
+    absent = tuple(h.name for h in rule.scale_hypers if h.default == 0 and h.name != name and h.name in balanced.hyper)
+    with_set = _pinned(rule, balanced, shifted, name, flags, ())
+    if not absent:
+        return with_set
+    try:
+        at_defaults = _pinned(rule, balanced, shifted, name, flags, absent)
+    except CalculusError as exc:
+        return replace(with_set, text=f"{with_set.text} (with {', '.join(absent)} set; at the default 0 the step "
+                                      f"cannot be bounded: {exc})")
+    text, listed = at_defaults.text, ", ".join(absent)
+    if (at_defaults.lr, at_defaults.kappa) != (with_set.lr, with_set.kappa):
+        setting = "the default 0" if len(absent) == 1 else "their default 0"
+        text += (f" (with {listed} at {setting}; with {listed} set and scaled as derived instead, "
+                 f"{_lr_text(with_set.lr, balanced.lr, with_set.kappa, layer.variable)})")
+    return replace(at_defaults, text=text, absent=absent, with_set=with_set)
+
+
+def _pinned(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool],
+            absent: tuple[str, ...]) -> Regime:
+    """The step with ``name`` at exponent 0, ``absent`` set to 0 and the other hyperparameters as derived."""
+    layer, derived = balanced.layer, balanced.hyper[name]
+    step = (shifted.layer.m - layer.m).const  # kappa per unit of multiplier exponent (a small step stays in regime)
+    zeroed: dict[str, Exp | None] = dict.fromkeys(absent)
+    pins = dict(balanced.hyper) | {name: ZERO} | zeroed
     lr = layer.target - layer.m - update_norm(evaluate(rule, layer, flags, pins, False), layer, Signs())
     outcome = evaluate(rule, layer, flags, pins, False, lr=balanced.lr)  # the step at the derived lr (what is run)
     kappa = (balanced.lr - shifted.lr) / step
     if lr != balanced.lr:  # a new regime: how does the update respond to rescaling the gradient there?
-        shifted_pins = dict(shifted.hyper) | {name: ZERO}
+        shifted_pins = dict(shifted.hyper) | {name: ZERO} | zeroed
         kappa = (lr - (shifted.layer.target - shifted.layer.m - update_norm(
             evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs()))) / step
     touched = tuple(c for c in outcome.comparisons if name in c.direct) or tuple(
@@ -250,10 +281,13 @@ def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: E
             parts.append(_dominance(comparison, mine[0], max(other, key=lambda t: t.e.const), v))
     where = "; ".join(parts) or f"{name} drifts away from its balance point"
     grows = "grows" if derived.const < 0 else "shrinks"
-    head = f"{name} {grows} relative to what it is compared with: {where}"
+    return f"{name} {grows} relative to what it is compared with: {where}; {_lr_text(lr, lr_derived, kappa, v)}"
+
+
+def _lr_text(lr: Exp, lr_derived: Exp, kappa: Exp, v: str = "n") -> str:
     if lr == lr_derived:
-        return f"{head}; the learning-rate exponent is unchanged"
-    return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ {v}^{lr} instead of {v}^{lr_derived}"
+        return "the learning-rate exponent is unchanged"
+    return f"the update becomes {behaviour(kappa)} and needs lr ~ {v}^{lr} instead of {v}^{lr_derived}"
 
 
 def _dominance(comparison: Comparison, mine: Term, other: Term, v: str = "n") -> str:

@@ -17,7 +17,7 @@ _ELEMENTWISE = {"sqrt", "abs", "sign", "max", "min", "clip", "atan2", "rms", "me
 
 
 def sum_metrics(body: Body, checker: Checker) -> dict[int, str]:
-    """``id(node) -> metric`` for every ``+``/``-`` node of ``body`` (nodes must stay alive while used)."""
+    """``id(node) -> metric`` for every ``+``/``-`` and ``ema`` node of ``body`` (nodes must stay alive while used)."""
     var: dict[str, set[str]] = {}
     node_demand: dict[int, set[str]] = {}
 
@@ -57,7 +57,8 @@ def sum_metrics(body: Body, checker: Checker) -> dict[int, str]:
 
     def call(expr: Call, demand: frozenset[str]) -> None:
         fn, args = expr.fn, expr.args
-        if fn == "ema":
+        if fn == "ema":  # beta * old + (1 - beta) * x: a sum
+            node_demand.setdefault(id(expr), set()).update(demand)
             visit(args[0], demand)
             visit(args[1], demand)
         elif fn in ("matpow", "orthogonalize", "spectral_norm", "eigbasis", "left_singular", "right_singular"):

@@ -19,7 +19,7 @@ from functools import cached_property
 from mupderive.calculus.demand import sum_metrics
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame, Part, Value, scalar
-from mupderive.errors import CalculusError
+from mupderive.errors import CalculusError, RuleError
 from mupderive.language.check import PARAM_SHAPES, Checker
 from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, When, const_value
 from mupderive.language.printer import show_expr
@@ -103,6 +103,15 @@ class Comparison:
     def direct(self) -> frozenset[str]:
         """Names appearing in the operands outside any nested comparison."""
         return frozenset().union(*(_direct_names(x) for x in _operands(self.node)))
+
+    @cached_property
+    def direct_by_term(self) -> tuple[frozenset[str], ...] | None:
+        """Per term, the names its operand reads outside nested comparisons (None where the terms are not the
+        operands one to one: clip's bound, a damping's ``eps * eye``)."""
+        operands = _operands(self.node)
+        if len(operands) != len(self.sizes):
+            return None
+        return tuple(_direct_names(x) for x in operands)
 
 
 @dataclass
@@ -247,7 +256,8 @@ class Evaluator:
                                     f"comparison cannot be closed before the learning rate is known") from None
             if isinstance(exc, Undecidable) and self.signs.assumptions:
                 raise  # symbolic fans: the caller splits cases
-            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {exc}") from None
+            what = _undecided(exc) if isinstance(exc, Undecidable) else str(exc)
+            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {what}") from None
 
     # -- expressions -----------------------------------------------------------------------------------------
     def expr(self, node: Expr, env: dict[str, Value]) -> Value:
@@ -292,6 +302,11 @@ class Evaluator:
             if a.shape or a.is_zero or f.metric(base, "rms") != ZERO:
                 raise CalculusError("a non-constant power needs a width-independent scalar base (like beta ** t)")
             return scalar(ZERO, True)
+        if exponent.denominator != 1 and a.shape and not a.nonneg:  # torch.pow gives NaN at negative entries
+            raise RuleError(self.path, node.loc.line, node.loc.col,
+                            f"{show_expr(node)}: a fractional power of a quantity that can be negative",
+                            f"abs({show_expr(node.left)}) ** {show_expr(node.right)}, or sqrt() of a quantity "
+                            f"known to be nonnegative such as a variance")
         parity = "pos" if exponent.denominator != 1 else ("even" if exponent.numerator % 2 == 0 else "odd")
         return f.power(a, exponent, parity)
 
@@ -321,10 +336,10 @@ class Evaluator:
             ratio = f.mul(args[0], f.power(args[1], Fraction(-1), "odd"))
             self.record(node, "atan2", "rms", args, texts)
             return f.clip(ratio, scalar(ZERO, True))
-        if fn == "ema":
+        if fn == "ema":  # beta * old + (1 - beta) * x with beta width-free: balanced as that sum is
             if f.metric(self.settle(args[2]), "rms") not in (ZERO, None):
                 raise CalculusError("ema's beta must be width-independent")
-            return f.add(args[0], args[1])
+            return self.compare(node, "sum", self.metrics.get(id(node), "rms"), args[:2], texts[:2])
         if fn == "matpow":
             a = args[0]
             if len(args) == 3:
@@ -430,13 +445,24 @@ class Evaluator:
                                                        for t in comparison.terms))
 
 
-_NESTED = {"max", "min", "clip", "atan2", "matpow"}
+def _undecided(exc: Undecidable) -> str:
+    """An open order in user terms: which hyperparameters' width exponents ``e(name)`` it depends on."""
+    unknown = sorted(s.split(":", 1)[1] for s in exc.diff.symbols if s.startswith("hyper:"))
+    if not unknown:
+        return str(exc)
+    return (f"which term is larger depends on the width exponent e({'), e('.join(unknown)}) of {', '.join(unknown)} "
+            f"(the sign of {exc.diff} is open) and no sum or comparison fixes it before this point")
+
+
+_NESTED = {"max", "min", "clip", "atan2", "matpow", "ema"}
 
 
 def _operands(node: Expr) -> tuple[Expr, ...]:
     """The compared operands of a comparison node (a sum's two sides, a call's arguments)."""
     if isinstance(node, BinOp):
         return (node.left, node.right)
+    if isinstance(node, Call) and node.fn == "ema":
+        return node.args[:2]  # beta is a width-free weight, not a compared term
     return node.children()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from mupderive.analysis import ALIGNMENTS, EVERETT, Analysis
 from mupderive.codegen import safe
@@ -12,6 +13,7 @@ from mupderive.codegen.parts import Part, bodies
 from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
 from mupderive.language.rule import Rule
+from mupderive.resources import builtin_rule_names, builtin_rule_path
 
 CONVENTION_TEXT = {
     "spectral": "spectral (all multipliers 1; init and lr from the spectral condition, TP-V Table 3)",
@@ -46,16 +48,33 @@ def _title_line(rule: Rule, analysis: Analysis | None = None) -> str:
 
 
 def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
-    words = ["mupderive generate", derivation.rule.name]
+    """The ``mupderive generate`` command line that gives this module: a built-in rule by name, a rule file by its
+    resolved path, shell-quoted (a placeholder, said so, where there is no such file or its path cannot be written
+    here). Lines break between arguments only (an option with its value)."""
+    rule = derivation.rule
+    builtin = rule.name in builtin_rule_names() and Path(rule.path) == builtin_rule_path(rule.name)
+    path = Path(rule.path).resolve() if rule.path else None
+    argument = rule.name if builtin else safe.shell_word(str(path)) if path and path.is_file() else None
+    words = ["mupderive generate", argument or f"PATH/TO/{rule.name}.toml"]  # an option stays with its value
     if derivation.convention != "spectral":
         words.append(f"--convention {derivation.convention}")
-    words += [f"--fix {f}" for f in derivation.fixes]
+    words += [f"--fix {fix}" for fix in derivation.fixes]
     if (analysis := getattr(derivation, "analysis", None)) is not None:
         p, a = analysis.parameterization, analysis.alignment
         words += [f"--parameterization {p if p in EVERETT else 'TABLE.json'}",
                   f"--alignment {a if a in ALIGNMENTS else 'TABLE.json'}"]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
-    return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
+    words.append(f"-o mup_{rule.name}.py")
+    lines = [f"    {words[0]}"]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > 116:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
+    if argument is None:
+        lines += safe.wrap(f"(with PATH/TO/{rule.name}.toml the rule file, whose path cannot be written here)",
+                           112, "    ")
+    return lines
 
 
 def convention_name(convention: str) -> str:

@@ -11,6 +11,7 @@ import builtins
 import keyword
 import math
 import re
+import shlex
 import textwrap
 import unicodedata
 from fractions import Fraction
@@ -112,6 +113,13 @@ def text(value: object) -> str:
         else:
             out.append(" " if ch.isspace() else "?")
     return " ".join("".join(out).split())
+
+
+def shell_word(value: str, limit: int = 100) -> str | None:
+    """``value`` quoted for a POSIX shell (``shlex.quote``) when the result is also :func:`text` (no double quotes,
+    backslashes or non-ASCII) and at most ``limit`` characters; else None."""
+    quoted = shlex.quote(value)
+    return quoted if value and text(quoted) == quoted and len(quoted) <= limit else None
 
 
 def wrap(value: object, width: int, indent: str = "") -> list[str]:

@@ -165,6 +165,9 @@ class Interpreter:
             self._record("max", node, (lo, hi))
             self._record("clip", node, (x, torch.maximum(lo.abs(), hi.abs())))
             return torch.clamp(x, lo, hi)
+        if fn == "ema":  # the sum beta * old + (1 - beta) * x: its two terms are compared
+            old, x, beta = args
+            self._record("sum", node, (beta * old, (1 - beta) * x))
         if fn == "atan2":
             self._record("atan2", node, (args[0], args[1]))
             return torch.atan2(args[0], args[1])
