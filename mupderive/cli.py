@@ -47,6 +47,17 @@ def _convention_args(p: argparse.ArgumentParser) -> None:
                    help="choose a boolean option of the rule, e.g. --set nesterov=true (repeatable)")
 
 
+def _depth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--depth", action="store_true",
+                   help="also derive the exponents of the depth ratio L/L_base (residual branches times "
+                        "L^-alpha); implied by --branch-matrices and --alpha")
+    p.add_argument("--branch-matrices", type=int, default=None, metavar="K",
+                   help="matrices stacked in one residual branch (default 2: alpha = 1, CompleteP; 1: alpha = 1/2, "
+                        "Depth-muP)")
+    p.add_argument("--alpha", default=None, metavar="A",
+                   help="impose the branch multiplier L^-A (a rational such as 1/2); the output says what breaks")
+
+
 def _verify_args(p: argparse.ArgumentParser, widths: str) -> None:
     p.add_argument("--widths", default=widths, help=f"comma-separated widths (default: {widths})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -80,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", action="append", default=[], metavar="NAME=O,I",
                    help="also derive a matrix whose fan_out ~ n^O and fan_in ~ n^I, e.g. --layer ffn=1/2,1 "
                         "(repeatable)")
+    _depth_args(p)
     p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"],
                    help="table (terminal), json (the mupderive.derivation/1 contract), markdown, latex")
 
@@ -94,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input, hidden, output or vector; tied (one tensor as embedding and readout) or "
                         "attention (the logit scale); or NAME=O,I for a matrix with fan_out ~ n^O and "
                         "fan_in ~ n^I (default: all of them)")
+    _depth_args(p)
     p.add_argument("--format", default="text", choices=["text", "markdown"])
 
     p = sub.add_parser("compare", help="check a published table of exponents against the derivation",

@@ -8,6 +8,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from mupderive.depth import Depth
 from mupderive.derivation import Derivation
 from mupderive.derivation import derive as derive_rule
 from mupderive.errors import MupError
@@ -53,9 +54,20 @@ def _layer(text: str) -> tuple[str, tuple[Fraction, Fraction]]:
     return match.group(1), (Fraction(match.group(2)), Fraction(match.group(3)))
 
 
+def depth_spec(args: argparse.Namespace, always: bool = False) -> Depth | None:
+    """``--depth``, ``--branch-matrices K`` and ``--alpha A`` as a :class:`Depth` (None: width only)."""
+    k, alpha = getattr(args, "branch_matrices", None), getattr(args, "alpha", None)
+    if not (always or getattr(args, "depth", False) or k is not None or alpha is not None):
+        return None
+    if alpha is not None and not re.fullmatch(r"\s*\d+(?:/\d+)?\s*", alpha):
+        raise MupError(f"--alpha {alpha!r}: expected a positive rational such as 1 or 1/2")
+    return Depth(2 if k is None else k, None if alpha is None else Fraction(alpha.strip()))
+
+
 def _derivation(args: argparse.Namespace, layers: list[str]) -> Derivation:
     fixes = [parse_fix(text) for text in args.fix]
-    return derive_rule(load_rule(args.rule), args.convention, fixes, _options(args.set), dict(map(_layer, layers)))
+    return derive_rule(load_rule(args.rule), args.convention, fixes, _options(args.set), dict(map(_layer, layers)),
+                       depth=depth_spec(args))
 
 
 def derive(args: argparse.Namespace) -> int:

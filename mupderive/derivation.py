@@ -14,6 +14,7 @@ from pathlib import Path
 import sympy
 
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
+from mupderive.depth import BRANCH_ROLES, Depth, DepthDerivation, DepthLayer, depth_alpha, derive_depth_layer
 from mupderive.errors import CalculusError, MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Rule
@@ -117,7 +118,7 @@ class AttentionDerivation:
 
 @dataclass(frozen=True)
 class Derivation:
-    """A rule's width exponents in one convention."""
+    """A rule's width exponents in one convention (and its depth exponents when asked for)."""
 
     rule: Rule
     convention: str
@@ -126,6 +127,7 @@ class Derivation:
     cases: dict[str, tuple[Exp, Exp, Exp]] = field(default_factory=dict)  # per quantity: fan_out >, =, < fan_in
     tied: TiedDerivation | None = None
     attention: AttentionDerivation = field(default_factory=lambda: attention_scale())
+    depth: DepthDerivation | None = None  # exponents of L / L_base when derived with ``depth=``
 
     @cached_property
     def formulas(self) -> dict[str, sympy.Expr]:
@@ -142,7 +144,7 @@ class Derivation:
     def to_json(self) -> dict:
         """The ``mupderive.derivation/1`` document (every exponent a string such as ``"-1/2"``)."""
         kappa = self.kappa
-        return {
+        out = {
             "schema": SCHEMA,
             "rule": self.rule.name,
             "rule_sha256": self.rule.digest,
@@ -155,6 +157,11 @@ class Derivation:
             "attention": {"logit_scale": str(rational(self.attention.logit_scale)),
                           "at_init": str(rational(self.attention.at_init))},
         }
+        if self.depth is not None:
+            out["depth"] = self.depth.to_json()
+            for role, layer in self.depth.layers.items():
+                out["layers"][role]["depth"] = _depth_json(layer)
+        return out
 
     def _repr_latex_(self) -> str:
         from mupderive.render import latex_table
@@ -185,6 +192,20 @@ def _layer_json(layer: LayerDerivation) -> dict:
     return out
 
 
+def _depth_json(layer: DepthLayer) -> dict:
+    """A role's depth exponents where it sits (all 0 outside the branches), and its in-branch ones."""
+    applied = {k: str(v) for k, v in layer.applied().items()}
+    knobs = {k: applied.pop(k) for k in ("multiplier", "init_std", "lr")}
+    out = {"scope": layer.scope, **knobs, "hyper": applied,
+           "grad_norm": str(rational(layer.grad_norm)) if layer.scope == "branch" else "0",
+           "if_fixed": {name: {"regime": r.text, "lr": str(rational(r.lr))} for name, r in layer.if_fixed.items()}
+           if layer.scope == "branch" else {}}
+    if layer.scope != "branch":
+        inside = {k: str(v) for k, v in layer.exponents().items()}
+        out["in_branch"] = {k: inside.pop(k) for k in ("multiplier", "init_std", "lr")} | {"hyper": inside}
+    return out
+
+
 def _tied_json(tied: TiedDerivation) -> dict:
     exponents = tied.exponents()
     knobs = {k: str(exponents.pop(k)) for k in ("multiplier", "readout_multiplier", "init_std", "lr")}
@@ -200,12 +221,13 @@ def attention_scale(head_dim: Exp = ONE) -> AttentionDerivation:
 
 
 def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
-           options: dict[str, bool] | None = None, layers: dict[str, tuple[Fraction, Fraction]] | None = None
-           ) -> Derivation:
+           options: dict[str, bool] | None = None, layers: dict[str, tuple[Fraction, Fraction]] | None = None,
+           depth: Depth | None = None) -> Derivation:
     """Derive every layer role's exponents for ``rule`` (a :class:`Rule`, built-in name or file path).
 
     ``layers`` adds matrices with any fan exponents, e.g. ``{"ffn": (1, 1), "bottleneck": (Fraction(1, 2), 1)}``;
-    they use the rule that covers hidden matrices.
+    they use the rule that covers hidden matrices (and sit inside residual branches). ``depth`` adds the exponents
+    of the depth ratio (:mod:`mupderive.depth`).
     """
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
     if convention not in CONVENTIONS:
@@ -216,15 +238,23 @@ def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[F
         if name in ROLES or Fraction(o) < 0 or Fraction(i) < 0:
             raise MupError(f"layer {name!r} with fans ({o}, {i}): expected a new name and nonnegative exponents")
         fans[name] = (Exp(Fraction(o)), Exp(Fraction(i)))
-    results = {}
+    results, deep = {}, {}
+    alpha, broken = depth_alpha(depth) if depth is not None else (Fraction(0), ())
     for role, role_fans in fans.items():
         covered = role if role in ROLES else "hidden"
         applied = rule if covered in rule.applies_to else fallback
         knobs = {f.knob: Exp(f.value) for f in fixes if f.role == role}
         m0 = CONVENTIONS[convention].get(role, Fraction(0))
         results[role] = _derive_layer(applied, role, m0, knobs, rule_flags(applied, options), role_fans)
+        if depth is not None:
+            scope = "branch" if covered in BRANCH_ROLES else "outside"
+            deep[role] = derive_depth_layer(applied, role, alpha, role == "vector", rule_flags(applied, options),
+                                            scope)
     tied = derive_tied(results["input"], rule if "output" in rule.applies_to else fallback, options)
-    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, rule_flags(rule, options)), tied)
+    depth_result = None if depth is None else DepthDerivation(alpha, depth.branch_matrices, depth.alpha is not None,
+                                                              broken, deep)
+    return Derivation(rule, convention, tuple(fixes), results, general_formulas(rule, rule_flags(rule, options)), tied,
+                      depth=depth_result)
 
 
 def derive_tied(embedding: LayerDerivation, readout_rule: Rule | None, options: dict[str, bool] | None

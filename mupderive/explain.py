@@ -5,6 +5,7 @@ from __future__ import annotations
 from mupderive.calculus.evaluate import Comparison
 from mupderive.calculus.exponent import Signs
 from mupderive.calculus.value import Frame, describe
+from mupderive.depth import DepthDerivation, DepthLayer, stream_conditions
 from mupderive.derivation import AttentionDerivation, Derivation, LayerDerivation, TiedDerivation
 from mupderive.language.printer import show_expr
 from mupderive.solver import behaviour
@@ -26,6 +27,8 @@ def explain(d: Derivation, roles: list[str] | None = None, markdown: bool = Fals
             sections.append(_attention(d.attention, markdown))
         else:
             sections.append(_layer(d, d.layers[role], markdown))
+            if d.depth is not None and d.depth.layers[role].scope == "branch":
+                sections.append(_depth(d, d.depth.layers[role], markdown))
     head = f"Derivation of {d.rule.name} ({d.rule.title}), convention {d.convention}. Notation: a quantity " \
            f"'~ n^E' has size Theta(n^E) at width n; fan_out ~ n^o, fan_in ~ n^i."
     return "\n\n".join([head, *sections])
@@ -75,6 +78,37 @@ def _layer(d: Derivation, layer: LayerDerivation, markdown: bool) -> str:
     for note in layer.notes:
         say(f"Note: {note}.")
     return "\n".join(out)
+
+
+def _depth(d: Derivation, x: DepthLayer, markdown: bool) -> str:
+    """The same layer inside a residual branch, in the depth variable L (width held fixed)."""
+    depth: DepthDerivation = d.depth
+    b, alpha = x.balanced, depth.alpha
+    frame = Frame({"o": b.layer.o, "i": b.layer.i}, Signs())
+    out = [_title(f"{x.role} layer inside a residual branch: depth L (width fixed)", markdown)]
+    steps = [f"Each branch's output is multiplied by L^{-alpha}: "
+             + "; ".join(f"{what} ~ L^{e} (needs {req})" for what, e, req in stream_conditions(alpha,
+                                                                                              depth.branch_matrices))
+             + (f"; alpha = {alpha} is imposed" if depth.imposed else
+                f"; alpha = {alpha} is the smallest value meeting them for {depth.branch_matrices} matrices per "
+                f"branch") + "."]
+    steps += [f"Imposed alpha breaks: {text}." for text in depth.breaks]
+    steps.append(f"The gradient reaching the branch carries the multiplier: G ~ L^{-alpha}; for the branch's change "
+                 f"to move the stream by L^-1, L^{-alpha} |dW| = L^-1, so |dW| ~ L^{b.layer.target} relative to W "
+                 f"(init unchanged).")
+    values = b.outcome.values
+    steps.append("State: " + "; ".join(f"{name} is {describe(frame, values[name], 'L')}" for name in ("G", "W"))
+                 + f"; direction U is {describe(frame, b.outcome.direction, 'L')}.")
+    for comparison in b.outcome.comparisons:
+        if comparison.solved:
+            terms = ", ".join(f"{t.text} ~ L^{t.e}" for t in comparison.terms if t.e is not None)
+            fixed = ", ".join(f"{name} ~ L^{e}" for name, e in comparison.solved)
+            steps.append(f"Balance point {comparison.text}: {terms}; keeping the terms of one order gives {fixed}.")
+    spec = frame.metric(b.outcome.direction, "spec")
+    steps.append(f"Learning rate: lr + |U| = L^{b.layer.target} with |U| ~ L^{spec} gives lr ~ L^{x.lr}; the "
+                 f"update is {behaviour(x.kappa)}.")
+    steps += [f"If {name} is kept fixed in depth: {regime.text}." for name, regime in x.if_fixed.items()]
+    return "\n".join([*out, *(f"{k}. {text}" for k, text in enumerate(steps, 1))])
 
 
 def _title(text: str, markdown: bool) -> str:

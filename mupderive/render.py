@@ -24,6 +24,25 @@ def _cell(d: Derivation, role: str, column: str) -> sympy.Rational | None:
     return d.layers[role].exponents().get(column)
 
 
+def _depth_cell(d: Derivation, role: str, column: str) -> sympy.Rational | None:
+    """The depth exponent where the role sits (None: no depth derivation, or not used by that role's rule)."""
+    if d.depth is None:
+        return None
+    return d.depth.layers[role].applied().get(column)
+
+
+def _depth_lines(d: Derivation) -> list[str]:
+    """The branch multiplier, how alpha was chosen, and what an imposed alpha breaks."""
+    if d.depth is None:
+        return []
+    x = d.depth
+    matrices = "1 matrix" if x.branch_matrices == 1 else f"{x.branch_matrices} matrices"
+    how = "imposed" if x.imposed else f"derived from {matrices} per branch"
+    lines = [f"depth: each residual branch's output times (L/L_base)^{x.branch_multiplier} (alpha = {x.alpha}, "
+             f"{how}); embedding, readout and norms outside the branches carry no depth factor"]
+    return lines + [f"alpha = {x.alpha} breaks: {b}" for b in x.breaks]
+
+
 def _tied_cells(d: Derivation, columns: list[str]) -> list[sympy.Rational | None] | None:
     """The tied tensor's row (its multiplier cell is the readout use's), or None when no tie can be derived."""
     if d.tied is None or d.tied.conflicts:
@@ -70,6 +89,14 @@ def text_table(d: Derivation) -> str:
     lines = [_header(d), "width exponents E (each quantity scales as n^E; '-' = not used by that layer's rule):"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines += _shared_lines(d)
+    if d.depth is not None:
+        lines += _depth_lines(d)
+        lines.append("depth exponents D (each quantity scales as (L/L_base)^D where the role sits):")
+        rows = [["role", "scope", *columns]]
+        for role, x in d.depth.layers.items():
+            rows.append([role, x.scope, *(_fmt(_depth_cell(d, role, c)) for c in columns)])
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     if d.formulas:
         lines.append("general formulas (multiplier 1, where the rule applies):")
         lines += [f"  {q} ~ {f}" for q, f in d.formulas.items()]
@@ -78,6 +105,12 @@ def text_table(d: Derivation) -> str:
         for name, regime in layer.if_fixed.items():
             if regime.lr != layer.lr or layer.hyper[name] != 0:
                 lines.append(f"  {role}.{name}: {regime.text}")
+    if d.depth is not None:
+        lines.append("if kept fixed (depth-independent) instead, inside a branch:")
+        for role, x in d.depth.layers.items():
+            for name, regime in x.if_fixed.items():
+                if x.scope == "branch" and (regime.lr != x.lr or x.hyper[name] != 0):
+                    lines.append(f"  {role}.{name}: {regime.text}")
     notes = sorted({f"{role}: {n}" for role, layer in d.layers.items() for n in layer.notes})
     if notes:
         lines.append("notes:")
@@ -91,11 +124,12 @@ def markdown_table(d: Derivation) -> str:
     lines = [f"**{_header(d)}**", "", "| role | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for role in d.layers:
-        cells = " | ".join(_fmt(_cell(d, role, c), math=True) for c in columns)
+        cells = " | ".join(_fmt(_cell(d, role, c), math=True, depth=_depth_cell(d, role, c)) for c in columns)
         lines.append(f"| {role}{_rule_for(d, role)} | {cells} |")
     if (tied := _tied_cells(d, columns)) is not None:
-        lines.append("| tied | " + " | ".join(_fmt(c, math=True) for c in tied) + " |")
-    lines += ["", *(f"{line}." for line in _shared_lines(d))]
+        zero = sympy.Rational(0) if d.depth is not None else None
+        lines.append("| tied | " + " | ".join(_fmt(c, math=True, depth=zero) for c in tied) + " |")
+    lines += ["", *(f"{line}." for line in _shared_lines(d) + _depth_lines(d))]
     if d.formulas:
         lines += ["", "General formulas: " + "; ".join(f"`{q}` ∝ `{f}`" for q, f in d.formulas.items())]
     return "\n".join(lines)
@@ -107,10 +141,11 @@ def latex_table(d: Derivation, display: bool = False) -> str:
     head = " & ".join(["\\text{role}", *(f"\\text{{{c.replace('_', chr(92) + '_')}}}" for c in columns)])
     body = []
     for role in d.layers:
-        cells = [_latex(_cell(d, role, c)) for c in columns]
+        cells = [_latex(_cell(d, role, c), _depth_cell(d, role, c)) for c in columns]
         body.append(" & ".join([f"\\text{{{role}}}", *cells]) + " \\\\")
     if (tied := _tied_cells(d, columns)) is not None:
-        body.append(" & ".join(["\\text{tied}", *map(_latex, tied)]) + " \\\\")
+        zero = sympy.Rational(0) if d.depth is not None else None
+        body.append(" & ".join(["\\text{tied}", *(_latex(c, zero) for c in tied)]) + " \\\\")
     table = "\\begin{array}{l" + "c" * len(columns) + "}\n" + head + " \\\\\n\\hline\n" + "\n".join(body) + \
         "\n\\end{array}"
     if not display:
@@ -118,14 +153,18 @@ def latex_table(d: Derivation, display: bool = False) -> str:
     return f"$$\\text{{{d.rule.name}, {d.convention}}}\\qquad {table}$$"
 
 
-def _fmt(value: sympy.Rational | None, math: bool = False) -> str:
+def _fmt(value: sympy.Rational | None, math: bool = False, depth: sympy.Rational | None = None) -> str:
     if value is None:
         return "-"
-    return f"n^{value}" if math else str(value)
+    if not math:
+        return str(value)
+    return f"n^{value}" if depth is None else f"n^{value} L^{depth}"
 
 
-def _latex(value: sympy.Rational | None) -> str:
-    return "-" if value is None else f"n^{{{sympy.latex(value)}}}"
+def _latex(value: sympy.Rational | None, depth: sympy.Rational | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"n^{{{sympy.latex(value)}}}" + ("" if depth is None else f"\\,L^{{{sympy.latex(depth)}}}")
 
 
 def rules_table(rows: list[dict[str, str]]) -> str:

@@ -130,13 +130,13 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
         try:
             outcome = evaluate(rule, layer, flags, pins, True, signs)
         except Conflict as clash:
-            pins[clash.hyper] = _resolve(clash, signs, notes)
+            pins[clash.hyper] = _resolve(clash, signs, notes, layer.variable)
             continue
         if outcome.free:
             for name in outcome.free:
                 pins[name] = ZERO
                 notes.append(f"{name} enters no comparison that fixes its scale (only an overall factor the "
-                             f"learning rate absorbs): kept width-independent")
+                             f"learning rate absorbs): kept {independent(layer.variable)}")
             continue
         hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
                  for h in rule.scale_hypers}
@@ -145,7 +145,12 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
     raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
 
 
-def _resolve(clash: Conflict, signs: Signs, notes: list[str]) -> Exp:
+def independent(variable: str) -> str:
+    """How a message says "scales as variable^0"."""
+    return {"n": "width-independent", "L": "depth-independent"}.get(variable, f"independent of {variable}")
+
+
+def _resolve(clash: Conflict, signs: Signs, notes: list[str], v: str = "n") -> Exp:
     have = dict(clash.first.solved)[clash.hyper]
     ops = {clash.first.op, clash.second.op}
     if ops <= _FLOORS:
@@ -153,10 +158,10 @@ def _resolve(clash: Conflict, signs: Signs, notes: list[str]) -> Exp:
     elif ops <= _CEILINGS:
         chosen, why = signs.max(have, clash.need), "the larger exponent keeps it from binding in either"
     else:
-        raise CalculusError(f"contradiction: {clash.hyper} must scale as n^{have} to balance {clash.first.text} "
-                            f"but as n^{clash.need} to balance {clash.second.text}")
-    notes.append(f"{clash.hyper} enters two balance points needing n^{have} ({clash.first.text}) and "
-                 f"n^{clash.need} ({clash.second.text}); both cannot hold, so n^{chosen}: {why}")
+        raise CalculusError(f"contradiction: {clash.hyper} must scale as {v}^{have} to balance {clash.first.text} "
+                            f"but as {v}^{clash.need} to balance {clash.second.text}")
+    notes.append(f"{clash.hyper} enters two balance points needing {v}^{have} ({clash.first.text}) and "
+                 f"{v}^{clash.need} ({clash.second.text}); both cannot hold, so {v}^{chosen}: {why}")
     return chosen
 
 
@@ -170,7 +175,7 @@ def make_layer(role: str, m: Exp, init: Exp | None = None, signs: Signs | None =
 
 @dataclass(frozen=True)
 class Regime:
-    """What happens when one hyperparameter is kept width-independent."""
+    """What happens when one hyperparameter is kept independent of the scaling variable."""
 
     text: str
     lr: Exp
@@ -180,46 +185,48 @@ class Regime:
 
 
 def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
-    """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width."""
+    """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width (or depth)."""
     layer, derived = balanced.layer, balanced.hyper[name]
+    step = (shifted.layer.m - layer.m).const  # kappa per unit of multiplier exponent (a small step stays in regime)
     if derived == ZERO:
-        return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO), balanced.lr,
-                      balanced.lr - shifted.lr, ())
+        return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO, layer.variable), balanced.lr,
+                      (balanced.lr - shifted.lr) / step, ())
     pins = dict(balanced.hyper) | {name: ZERO}
     outcome = evaluate(rule, layer, flags, pins, False)
     lr = layer.target - layer.m - update_norm(outcome, layer, Signs())
-    kappa = balanced.lr - shifted.lr
+    kappa = (balanced.lr - shifted.lr) / step
     if lr != balanced.lr:  # a new regime: how does the update respond to rescaling the gradient there?
         shifted_pins = dict(shifted.hyper) | {name: ZERO}
-        kappa = lr - (shifted.layer.target - shifted.layer.m - update_norm(
-            evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs()))
+        kappa = (lr - (shifted.layer.target - shifted.layer.m - update_norm(
+            evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs()))) / step
     touched = tuple(c for c in outcome.comparisons if name in c.direct) or tuple(
         c for c in outcome.comparisons  # e.g. a state whose initial value carries the hyperparameter
         if c.op != "decay" and any(name in t.hypers for t in c.terms) and not all(name in t.hypers for t in c.terms))
-    return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa), lr, kappa, touched, outcome)
+    return Regime(_regime_text(name, derived, touched, lr, balanced.lr, kappa, layer.variable), lr, kappa, touched,
+                  outcome)
 
 
 def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: Exp, lr_derived: Exp,
-                 kappa: Exp) -> str:
+                 kappa: Exp, v: str = "n") -> str:
     if derived == ZERO:
-        return f"unchanged: {name} is already width-independent in this layer"
+        return f"unchanged: {name} is already {independent(v)} in this layer"
     parts = []
     for comparison in _unique(touched):
         mine = [t for t in comparison.terms if name in t.hypers and t.e is not None]
         other = [t for t in comparison.terms if name not in t.hypers and t.e is not None]
         if mine and other:
-            parts.append(_dominance(comparison, mine[0], max(other, key=lambda t: t.e.const)))
+            parts.append(_dominance(comparison, mine[0], max(other, key=lambda t: t.e.const), v))
     where = "; ".join(parts) or f"{name} drifts away from its balance point"
     grows = "grows" if derived.const < 0 else "shrinks"
     head = f"{name} {grows} relative to what it is compared with: {where}"
     if lr == lr_derived:
         return f"{head}; the learning-rate exponent is unchanged"
-    return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ n^{lr} instead of n^{lr_derived}"
+    return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ {v}^{lr} instead of {v}^{lr_derived}"
 
 
-def _dominance(comparison: Comparison, mine: Term, other: Term) -> str:
-    """How a fixed hyperparameter's term relates to its counterpart at large width."""
-    sizes = f"(n^{mine.e} vs n^{other.e})"
+def _dominance(comparison: Comparison, mine: Term, other: Term, v: str = "n") -> str:
+    """How a fixed hyperparameter's term relates to its counterpart at large width (or depth)."""
+    sizes = f"({v}^{mine.e} vs {v}^{other.e})"
     if mine.e.const == other.e.const:
         return f"{mine.text} stays balanced with {other.text}"
     larger = mine.e.const > other.e.const

@@ -34,7 +34,8 @@ def hyper_symbol(name: str) -> str:
 
 @dataclass(frozen=True)
 class Layer:
-    """A layer's width exponents: fans ``(o, i)``, forward multiplier ``n^m`` and init std ``n^init``."""
+    """A layer's exponents of one scaling variable (the width ``n`` or the depth ``L``): fans ``(o, i)``, forward
+    multiplier ``m`` and init std; the depth pass (:mod:`mupderive.depth`) shifts the gradient and the update target."""
 
     role: str
     o: Exp
@@ -42,7 +43,9 @@ class Layer:
     m: Exp
     init: Exp | None  # None: zero init
     vector: bool = False
-    grad_shift: Exp = ZERO  # extra width exponent of the backpropagated gradient (0 under the spectral condition)
+    grad_shift: Exp = ZERO  # extra exponent of the backpropagated gradient (0 under the spectral condition)
+    target_shift: Exp = ZERO  # extra exponent of the update target |dW_eff|_* (0: the spectral condition's)
+    variable: str = "n"  # the scaling variable the exponents are powers of, as messages name it
 
     @property
     def shape(self) -> tuple[str, ...]:
@@ -55,8 +58,8 @@ class Layer:
 
     @property
     def target(self) -> Exp:
-        """The spectral condition's ``|W_eff|_*`` and ``|dW_eff|_*``: ``sqrt(fan_out / fan_in)``."""
-        return (self.o - self.i) * HALF
+        """The spectral condition's ``|dW_eff|_*`` (and ``|W_eff|_*`` when unshifted): ``sqrt(fan_out / fan_in)``."""
+        return (self.o - self.i) * HALF + self.target_shift
 
 
 @dataclass(frozen=True)
@@ -381,7 +384,8 @@ class Evaluator:
                 raise Conflict(name, self.solved_by[name], here, need)
         comparison = self.record(node, op, metric, values, texts)
         raise CalculusError(f"{self.path}:{node.loc.line}:{node.loc.col}: the terms of {comparison.text} cannot be "
-                            f"balanced: " + ", ".join(f"{t.text} ~ n^{t.e}" for t in comparison.terms))
+                            f"balanced: " + ", ".join(f"{t.text} ~ {self.layer.variable}^{t.e}"
+                                                       for t in comparison.terms))
 
 
 _NESTED = {"max", "min", "clip", "atan2", "matpow"}

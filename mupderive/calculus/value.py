@@ -419,12 +419,12 @@ class Frame:
         return self.merge(shape, parts)
 
 
-def describe(frame: Frame, value: Value) -> str:
-    """One-line summary: structure and the exponents of rms and spectral norm."""
+def describe(frame: Frame, value: Value, v: str = "n") -> str:
+    """One-line summary: structure and the exponents (of the scaling variable ``v``) of rms and spectral norm."""
     if value.is_zero:
         return "0"
     if not value.shape:
-        return f"scalar n^{frame.metric(value, 'rms')}"
+        return f"scalar {v}^{frame.metric(value, 'rms')}"
     names = {"outer": "low-rank/aligned", "dense": "dense", "eye": "identity", "perp": "identity off the batch span"}
     kinds = "+".join(names[p.kind] for p in value.parts)
-    return f"{kinds}: rms n^{frame.metric(value, 'rms')}, spectral n^{frame.metric(value, 'spec')}"
+    return f"{kinds}: rms {v}^{frame.metric(value, 'rms')}, spectral {v}^{frame.metric(value, 'spec')}"
