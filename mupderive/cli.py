@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mupderive.")
     _rule_arg(p)
     _convention_args(p)
+    p.add_argument("--branch-matrices", type=int, default=None, metavar="K",
+                   help="matrices stacked in one residual branch, for the depth tables (default 2: alpha = 1, "
+                        "CompleteP; 1: alpha = 1/2, Depth-muP)")
+    p.add_argument("--alpha", default=None, metavar="A",
+                   help="impose the branch multiplier L^-A (a rational such as 1/2); the module says what breaks")
     p.add_argument("-o", "--output", required=True, metavar="FILE.py", help="where to write the module")
 
     p = sub.add_parser("oracle", help="measure the real optimizer against the derivation", formatter_class=fmt,

@@ -175,7 +175,7 @@ def command(args: argparse.Namespace) -> int:
         raise MupError(f"-o {args.output}: the output must be a .py file")
     if not output.parent.is_dir():
         raise MupError(f"-o {args.output}: directory {output.parent} does not exist")
-    derivation = _derivation(args, [])
+    derivation = _derivation(argparse.Namespace(**vars(args), depth=True), [])  # depth always (default K = 2)
     source = generate(derivation, options=_options(args.set))
     write_atomically(output, source)
     print(f"wrote {output} (rule {derivation.rule.name}, convention {derivation.convention})")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from mupderive.codegen import safe
 from mupderive.codegen.parts import Part, bodies
+from mupderive.depth import Depth
 from mupderive.derivation import Derivation
 from mupderive.errors import MupError
 from mupderive.language.rule import Rule
@@ -46,6 +47,11 @@ def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
         words.append(f"--convention {derivation.convention}")
     words += [f"--fix {f}" for f in derivation.fixes]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
+    depth = derivation.depth
+    if depth is not None and depth.branch_matrices != Depth().branch_matrices:
+        words.append(f"--branch-matrices {depth.branch_matrices}")
+    if depth is not None and depth.imposed:
+        words.append(f"--alpha {depth.alpha}")
     return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
 
 
@@ -111,7 +117,26 @@ def _extras(document: dict) -> list[str]:
             lines.append("A tie cannot be served under this rule (MuP refuses one): " + "; ".join(tied["conflicts"]))
     lines.append(f"Attention logits: scale ~ (head_dim / head_dim_base)^{document['attention']['logit_scale']} "
                  f"(the usual head_dim^{document['attention']['at_init']} only keeps them ~ 1 at init).")
+    lines += _depth_lines(document)
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
+
+
+def _depth_lines(document: dict) -> list[str]:
+    """The depth exponents D (ratio L / L_base) of the roles inside residual branches, and what an imposed alpha
+    breaks (the engine's text, made safe)."""
+    depth = document.get("depth")
+    if depth is None:
+        return []
+    lines = [f"Depth (DEPTH): each residual branch's output is multiplied by (L / L_base)^{depth['branch_multiplier']} "
+             f"(alpha {depth['alpha']}, branches of {depth['branch_matrices']} matrices); a parameter inside a block "
+             f"gets (L / L_base)^D on top of r^E, none outside the blocks:"]
+    for role, layer in document["layers"].items():
+        row = layer.get("depth")
+        if row is not None and row["scope"] == "branch":
+            cells = {"init_std": row["init_std"], "lr": row["lr"], **row["hyper"]}
+            lines.append(f"- {role}: " + ", ".join(f"{name} {safe.text(e)}" for name, e in cells.items()))
+    lines += [f"Imposed alpha: {safe.text(b)}" for b in depth["breaks"]]
+    return lines
 
 
 def _formulas(formulas: dict) -> list[str]:
@@ -140,6 +165,7 @@ def _usage(derivation: Derivation, parts: list[Part], reads_hessian: bool) -> li
              "model = Net(width=1024)",
              "p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})",
              "# at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))",
+             "# depth too: mu.MuP(Net(width=1024, n_layer=32), base=Net(width=64, n_layer=4)) (or depth_base=4)",
              "p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)",
              "# or MuP(model, base, init='keep'): the model's own init times ratio**E_init; zero_query=True",
              f"opt = p.optimizer({', '.join(lrs)})  # decay_vectors=False: biases and gains undecayed",
