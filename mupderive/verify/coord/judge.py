@@ -44,8 +44,9 @@ READOUTS = ("output", "tied-out")
 
 
 def judged(role: str) -> tuple[str, ...]:
-    """The quantities judged after init for a role (attention logits own no weight, so have no effect)."""
-    return JUDGED[:2] if role == "attention" else JUDGED
+    """The quantities judged after init for a role (attention logits and the residual stream own no weight, so
+    have no effect)."""
+    return JUDGED[:2] if role in ("attention", "stream") else JUDGED
 
 
 def checkpoints(rms: np.ndarray) -> dict[str, list[int]]:
@@ -189,16 +190,19 @@ def _moves(s: Slope, tolerance: float) -> bool:
 
 
 def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks: list[Check],
-             tolerance: float) -> list[tuple[str, str]]:
+             tolerance: float, variable: str = "n") -> list[tuple[str, str]]:
     """``[(layer, message)]`` for each failing layer: its worst slope and the likely cause.
 
     The cause is read off the same measurements, first match wins: a layer whose input already scales at the
     failing checkpoint (or at init, for an activation that scaled from the start) inherits it from below; an
     activation that scaled at init with a flat input means the layer's init std (or multiplier) is off; the
     update's gain ``effect / input`` (how W_t - W_0 scales on the layer's actual input) points at the layer's own
-    learning rate; what remains is a change propagated through the initial weights.
+    learning rate; what remains is a change propagated through the initial weights. ``widths`` are the scales
+    fitted against, ``variable`` their name in messages (n: width; L: depth, where the residual stream (role
+    ``stream``) that grows or vanishes points at the branch multiplier).
     """
     names = list(layers)
+    axis = "depth" if variable == "L" else "width"
     marks = checkpoints(rms)
     column = {q: QUANTITIES.index(q) for q in QUANTITIES}
     failures: list[tuple[str, str]] = []
@@ -219,7 +223,7 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
             continue
         grows = worst.target.distance(s.value) > 0
         head = f"{layer} ({role}) {'blows up' if grows else 'vanishes'} as " \
-               f"n^{s.value:+.2f} ({where})"
+               f"{variable}^{s.value:+.2f} ({where})"
         index = names.index(layer)
         init = next(c for c in checks if c.layer == layer and c.checkpoint == "init")
         from_init = worst.quantity == "activation" and not init.passed
@@ -230,7 +234,12 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
         below = next((name for name, _ in failures), None)
         if _moves(inp, tolerance):
             what = "q and k (rms(q) rms(k))" if role == "attention" else "its input"
-            cause = f"inherited: {what} scales as n^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+            cause = f"inherited: {what} scales as {variable}^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+        elif role == "stream":
+            cause = ("the residual stream: the L branch outputs add up (independently at init, ~ L^1/2; their "
+                     "updates coherently, ~ L) unless each branch's output is multiplied by L^-alpha" if grows else
+                     "the residual stream: the branch multiplier L^-alpha is too small, so deeper models' branches "
+                     "contribute less and less")
         elif role == "attention" and grows and below:
             cause = f"inherited: the q and k changes grow with a change below ({below}), so the logits move too much " \
                     "whatever their scale"
@@ -242,13 +251,13 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
             cause = "the attention logit scale: s q.k vanishes faster than its incoherent limit while q and k keep " \
                     "their scale, so s is too small for this width (muP uses s = 1/head_dim)"
         elif from_init:
-            cause = f"its initialization: activations scale as n^{init.slope.value:+.2f} at step 0 (target " \
-                    f"{init.target}) on a width-independent input, so the {_role_words(role)} init std (or " \
-                    f"multiplier) is off"
+            cause = f"its initialization: activations scale as {variable}^{init.slope.value:+.2f} at step 0 " \
+                    f"(target {init.target}) on a {axis}-independent input, so the {_role_words(role)} init std " \
+                    f"(or multiplier) is off"
         elif _moves(gain, tolerance):
             size = "too large" if gain.value > 0 else "too small"
-            cause = f"the {_role_words(role)} learning rate is {size} for this width (its update acting on its " \
-                    f"input scales as n^{gain.value:+.2f})"
+            cause = f"the {_role_words(role)} learning rate is {size} for this {axis} (its update acting on its " \
+                    f"input scales as {variable}^{gain.value:+.2f})"
         else:
             cause = "propagated through the initial weights from a change below" + \
                     (f" ({below})" if below else "") + ", while its own update keeps its scale"

@@ -37,10 +37,30 @@ class CoordCheck:
     checks: list[Check] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    depths: list[int] | None = None  # a depth check: the depths (``widths`` holds its one width)
+    depth_scaling: bool = True  # a depth check: False for the width-only module (--no-depth-scaling)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def axis(self) -> str:
+        """What the slopes are fitted against: "width", or "depth" for a depth check."""
+        return "width" if self.depths is None else "depth"
+
+    @property
+    def scales(self) -> list[int]:
+        """The x values of the fits: the widths, or a depth check's depths."""
+        return self.widths if self.depths is None else self.depths
+
+    @property
+    def setup(self) -> str:
+        """The scales in words: "widths 64,128" or "depths 2,4 at width 64 (derived, depth-scaled)"."""
+        if self.depths is None:
+            return f"widths {','.join(map(str, self.widths))}"
+        scaling = "depth-scaled" if self.depth_scaling else "width-only: --no-depth-scaling"
+        return f"depths {','.join(map(str, self.depths))} at width {self.widths[0]} ({scaling})"
 
     def _repr_markdown_(self) -> str:
         """Jupyter: the slope table per layer and checkpoint and the verdict (:func:`markdown_report`)."""
@@ -67,9 +87,9 @@ def text_report(result: CoordCheck) -> str:
     predictions = r.targets.predictions
     pad = max(24, *(len(layer) + 1 for layer in r.layers))
     lines = [f"coord-check {r.rule.name} on {r.task.name} ({r.parameterization} parameterization, {r.convention} "
-             f"convention): widths {','.join(map(str, r.widths))}, {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}, "
+             f"convention): {r.setup}, {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}, "
              f"{r.device}",
-             f"slope of log rms against log width, +- 95% CI over seeds x widths; target 0 unless shown in "
+             f"slope of log rms against log {r.axis}, +- 95% CI over seeds x {r.axis}s; target 0 unless shown in "
              f"parentheses; '*' = misses its target by more than {r.tolerance:g} + CI; last = {_label(marks['last'])}"]
     if predictions is not None:
         lines.append("standard parameterization: the engine's prediction in parentheses" if predictions else
@@ -90,9 +110,9 @@ def text_report(result: CoordCheck) -> str:
     chance = getattr(r.task, "chance", None)
     chance = f"; chance: ln 96 = {chance:.2f}" if chance is not None else ""
     lines += ["", f"training loss at step {r.steps}, before its update (mean over seeds{chance}): "
-              + "  ".join(f"{w}: {v:.3f}" for w, v in zip(r.widths, final, strict=True))]
+              + "  ".join(f"{w}: {v:.3f}" for w, v in zip(r.scales, final, strict=True))]
     if r.passed:
-        lines.append(f"PASS: every layer keeps its scale across widths ({r.seconds:.1f} s)")
+        lines.append(f"PASS: every layer keeps its scale across {r.axis}s ({r.seconds:.1f} s)")
     else:
         lines.append(f"FAIL: {len(r.failures)} of {len(r.layers)} layers fail the check ({r.seconds:.1f} s)")
         lines += [f"  {message}" for _, message in r.failures]
@@ -104,8 +124,8 @@ def markdown_report(result: CoordCheck) -> str:
     r = result
     marks = checkpoints(r.rms)
     verdict = "PASS" if r.passed else f"FAIL ({len(r.failures)} of {len(r.layers)} layers)"
-    lines = [f"**coord-check {r.rule.name} on {r.task.name}, {r.parameterization}: {verdict}** (widths "
-             f"{', '.join(map(str, r.widths))}; {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}; target slope 0 "
+    lines = [f"**coord-check {r.rule.name} on {r.task.name}, {r.parameterization}: {verdict}** ("
+             f"{r.setup}; {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}; target slope 0 "
              f"unless shown)", "", f"| layer | role | checkpoint | {' | '.join(JUDGED)} |",
              "|---" * (3 + len(JUDGED)) + "|"]
     for layer, role in r.layers.items():
