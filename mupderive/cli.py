@@ -28,7 +28,9 @@ examples:
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
+  mupderive coord-check adamw --model gpt --depths 2,4,8,16 --widths 64   # ... across depth
   mupderive transfer adamw --store sweep.db    # learning-rate transfer sweep
+  mupderive transfer adamw --depths 2,4,8,16 --widths 64   # ... across depth
 """
 
 
@@ -56,6 +58,13 @@ def _depth_args(p: argparse.ArgumentParser) -> None:
                         "Depth-muP)")
     p.add_argument("--alpha", default=None, metavar="A",
                    help="impose the branch multiplier L^-A (a rational such as 1/2); the output says what breaks")
+
+
+def _depth_sweep_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--depths", default=None, metavar="D1,D2,...", help=f"comma-separated depths: {what}")
+    p.add_argument("--no-depth-scaling", action="store_true",
+                   help="with --depths: apply the generated module width-only (no branch multiplier, no depth "
+                        "factor; the model as its own depth base), the baseline the depth scaling is tested against")
 
 
 def _verify_args(p: argparse.ArgumentParser, widths: str) -> None:
@@ -190,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate at the base (smallest) width (default: a per-rule value, see the docs)")
     p.add_argument("--tolerance", type=float, default=0.15,
                    help="a layer passes when |slope| <= tolerance + its 95%% CI (default: 0.15)")
+    _depth_sweep_args(p, "check the depth instead: train at the smallest of --widths with D residual blocks each "
+                         "(gpt, or FUNC(width, depth) of your own), slopes against depth; the residual stream after "
+                         "matched blocks is judged too")
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG plots here")
 
     p = sub.add_parser("transfer", help="learning-rate transfer sweep", formatter_class=fmt,
@@ -212,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
     p.add_argument("--quick", action="store_true",
                    help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
+    _depth_sweep_args(p, "sweep the depth instead: train at one width (the first of --widths, default 64) with D "
+                         "residual blocks each (gpt, or FUNC(width, depth) of your own); the drift is across depths")
     p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE",
                    help="SQLite results store: finished runs are skipped, so an interrupted sweep resumes")
     p.add_argument("--executor", default="local", choices=["local", "ray"],

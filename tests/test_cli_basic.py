@@ -24,10 +24,12 @@ CORE_OPTIONS = {
     "explain": ["RULE", "--convention", "--layer", "--format"],
     "compare": ["RULE", "TABLE.json", "--format"],
     "analyze": ["RULE", "--parameterization", "--alignment", "--format"],
-    "generate": ["RULE", "--output"],
+    "generate": ["RULE", "--output", "--branch-matrices", "--alpha"],
     "oracle": ["RULE", "--widths", "--device", "--steps", "--tolerance", "--out"],
-    "coord-check": ["RULE", "--widths", "--model", "--steps", "--seeds", "--parameterization"],
-    "transfer": ["RULE", "--widths", "--model", "--lrs", "--store", "--executor", "--ray-address"],
+    "coord-check": ["RULE", "--widths", "--model", "--steps", "--seeds", "--parameterization", "--depths",
+                    "--no-depth-scaling"],
+    "transfer": ["RULE", "--widths", "--model", "--lrs", "--store", "--executor", "--ray-address", "--depths",
+                 "--no-depth-scaling"],
 }
 
 
