@@ -44,7 +44,7 @@ from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
 from mupderive.solver import Fix
 from mupderive.verify.coord import depth as depth_module
-from mupderive.verify.coord.judge import FLAT, Expect, Targets, diagnose, judge
+from mupderive.verify.coord.judge import DepthTargets, Expect, Targets, diagnose, judge
 from mupderive.verify.coord.layers import ATTENTION, forward_order, layer_roles
 from mupderive.verify.coord.measure import train_and_measure
 from mupderive.verify.coord.result import CoordCheck
@@ -182,7 +182,7 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     if parameterization == "derived":
         derivation = derivation or derive(rule, convention, fixes, options, depth=Depth())
         module = generated_module(derivation)
-        targets = Targets(init_targets(derivation) if depths is None else {"output": FLAT}, None)
+        targets = Targets(init_targets(derivation), None)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
                      for role, layer in derivation.layers.items()}
     elif parameterization == "standard":
@@ -202,6 +202,7 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     names_of = _names(module, base, layers, base_depth, task.name)
     if depths is not None:
         layers = {name: layers.get(name, "stream") for name in names_of(base_depth)}
+        targets = replace(targets, depth=DepthTargets(float(derivation.depth.alpha)))
     setup = Derived(module, base, delta, lr, depth_scaling) if parameterization == "derived" else setup
     setup.bind(roles)
     rms = np.zeros((seeds, len(scales), steps + 1, len(layers), 4))

@@ -1,11 +1,13 @@
 """The layers a depth check records: the same layers at every depth, matched by their place in the stack of blocks.
 
-A depth check trains one model per depth at a fixed width, so the models hold different numbers of blocks. Each
-layer recorded on the base (the shallowest model) is matched at depth L by its relative position: a layer of base
-block j (of L_base) is the same layer of block ``round(j (L - 1) / (L_base - 1))``, so with a 2-block base the first
-and the last block are followed; layers outside the blocks (embedding, final norm, readout) keep their names. The
-k-th attention call of a block is matched the same way (when the base makes the same number of attention calls in
-every block). Each matched block's output, the residual stream after it, is recorded too, with role ``stream``.
+A depth check trains one model per depth at a fixed width, so the models hold different numbers of blocks. The base
+(the shallowest model, L_base blocks) cuts every stack into L_base equal segments; its block j is matched at depth L
+by the last block of segment j, ``(j + 1) L / L_base - 1`` (rounded down), so the residual stream after a matched
+block always holds the same share (j + 1) / L_base of the branches (a fixed block, such as the first, holds a 1/L
+share at depth L, which no parameterization keeps depth-independent). Layers outside the blocks (embedding, final
+norm, readout) keep their names. The k-th attention call of a block is matched the same way (when the base makes the
+same number of attention calls in every block). Each matched block's output, the residual stream after it, is
+recorded too, with role ``stream``.
 
 The blocks are those the generated module finds (``_stacks``: its one classification of a model's block lists).
 """
@@ -33,8 +35,8 @@ def block_list(module: ModuleType, model: nn.Module, label: str) -> tuple[str, i
 
 
 def matched_block(j: int, base: int, depth: int) -> int:
-    """The block of a depth-``depth`` stack at the relative position of block ``j`` of a ``base``-block one."""
-    return 0 if base == 1 else round(j * (depth - 1) / (base - 1))
+    """The block of a ``depth``-block stack matching block ``j`` of a ``base``-block one: the last of segment j."""
+    return (j + 1) * depth // base - 1
 
 
 def _prefix(path: str) -> str:

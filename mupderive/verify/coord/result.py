@@ -59,7 +59,8 @@ class CoordCheck:
         """The scales in words: "widths 64,128" or "depths 2,4 at width 64 (derived, depth-scaled)"."""
         if self.depths is None:
             return f"widths {','.join(map(str, self.widths))}"
-        scaling = "depth-scaled" if self.depth_scaling else "width-only: --no-depth-scaling"
+        alpha = f", alpha {self.targets.depth.alpha:g}" if self.targets.depth is not None else ""
+        scaling = f"depth-scaled{alpha}" if self.depth_scaling else "width-only: --no-depth-scaling"
         return f"depths {','.join(map(str, self.depths))} at width {self.widths[0]} ({scaling})"
 
     def _repr_markdown_(self) -> str:
