@@ -219,8 +219,9 @@ def load_task(text: str, **options: Any) -> UserTask:
         raise MupError(f"--model {text}: {path} defines no {func}")
     if not callable(build):
         raise MupError(f"--model {text}: {func} is a {type(build).__name__}, not a function of the width")
-    if not _takes_one_argument(build):
-        raise MupError(f"--model {text}: {func} cannot be called with one argument; it must be FUNC(width)")
+    if not (_takes_one_argument(build) or _binds(build, 0, depth=0)):
+        raise MupError(f"--model {text}: {func} cannot be called with one argument; it must be FUNC(width) (or "
+                       f"FUNC(width, depth) for --depths)")
     if task_name is not None:
         task = getattr(module, task_name, None)
         if task is None:
