@@ -113,7 +113,7 @@ def test_the_same_depth_gives_no_hook_and_no_depth_factor():
     p = mu.MuP(model, gpt(32, 4))
     assert p.depths == {"blocks": (4, 4)} and p.branches == {} and p.depth_ratios == {}
     assert {g["mup_depth"] for g in p.optimizer(lr=1e-3).param_groups} == {1.0}
-    assert "depth: blocks has 4 blocks, as the depth base: no depth factors" in p.describe()
+    assert "depth" not in p.describe()  # describe() is the width-only one
     with_depth_base = mu.MuP(gpt(64, 4), gpt(32, 4), depth_base=gpt(32, 4))
     assert with_depth_base.branches == {}
 
@@ -333,3 +333,21 @@ def test_the_derived_depth_keeps_the_streams_one_step_change_and_width_only_does
     derived = math.log2(changes[True, 16] / changes[True, 2]) / 3
     width_only = math.log2(changes[False, 16] / changes[False, 2]) / 3
     assert abs(derived) < 0.3 and width_only > 0.7, (derived, width_only)
+
+
+def test_generate_writes_the_depth_tables_the_options_ask_for(tmp_path, capsys):
+    from mupderive.cli import main
+
+    assert main(["generate", "adamw", "--branch-matrices", "1", "-o", str(tmp_path / "k1.py")]) == 0
+    k1 = import_source((tmp_path / "k1.py").read_text())
+    assert k1.DEPTH_ALPHA == "1/2" and k1.DEPTH_BRANCH_MULTIPLIER == "-1/2" and k1.DEPTH_BREAKS == ()
+    hidden = derive("adamw", depth=Depth(branch_matrices=1)).depth.layers["hidden"].exponents()
+    assert k1.DEPTH["hidden"] == {name: str(e) for name, e in hidden.items()}
+    assert "mupderive generate adamw --branch-matrices 1 -o mup_adamw.py" in (tmp_path / "k1.py").read_text()
+    assert main(["generate", "adamw", "--alpha", "1/2", "-o", str(tmp_path / "a.py")]) == 0
+    imposed = import_source((tmp_path / "a.py").read_text())
+    assert imposed.DEPTH_ALPHA == "1/2" and imposed.DEPTH_BREAKS  # K = 2 needs alpha = 1: the module says why
+    assert main(["generate", "adamw", "-o", str(tmp_path / "d.py")]) == 0
+    assert import_source((tmp_path / "d.py").read_text()).DEPTH_ALPHA == "1"
+    assert main(["generate", "adamw", "--alpha", "x", "-o", str(tmp_path / "bad.py")]) == 2
+    assert not (tmp_path / "bad.py").exists() and "--alpha 'x'" in capsys.readouterr().err

@@ -233,12 +233,12 @@ class MuP:
         self.model, self.init, self._rescaled = model, init, False
         params = dict(model.named_parameters())
         stacks = _stacks(model)
-        self.depths = _depths(stacks, base if depth_base is None else depth_base, depth_base is not None)
         base_shapes = _aligned(_shapes(base), params, stacks)
         probe = _aligned(_shapes(delta), params, stacks) if delta is not None else {
             name: tuple(p.shape) for name, p in params.items()}
         if missing := sorted(set(params) - set(base_shapes) | set(params) - set(probe)):
             raise ValueError(f"parameters missing from the base or delta: {', '.join(missing)}")
+        self.depths = _depths(stacks, base if depth_base is None else depth_base, depth_base is not None)
         if delta is None and all(probe[name] == base_shapes[name] for name in params):
             raise ValueError(_SAME_WIDTH)
         self._uses = _uses(model, layouts or {})
@@ -433,15 +433,13 @@ class MuP:
         return lines
 
     def _depth_notes(self) -> list[str]:
-        """describe()'s depth lines: each block list's L against the base's, its branch multiplier and branches,
-        and the depth factor of each role inside the blocks."""
+        """describe()'s depth lines, for block lists deeper or shallower than the base's (none otherwise): L
+        against L_base, the branch multiplier and branches, and the depth factor of each role inside the blocks."""
         lines = []
         for path, (now, base) in self.depths.items():
-            where = path or "the model"
             if now == base:
-                lines.append(f"depth: {where} has {now} blocks, as the depth base: no depth factors")
                 continue
-            ratio = now / base
+            where, ratio = path or "the model", now / base
             prefix = f"{path}." if path else ""
             names = sorted({re.sub(rf"^{re.escape(prefix)}\d+", f"{prefix}*", b) for b in self.branches
                             if b.startswith(prefix)})
