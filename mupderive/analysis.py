@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from mupderive.calculus.evaluate import Layer
@@ -155,6 +155,7 @@ class LayerAnalysis:
     hyper: dict[str, Exp]  # every scale-carrying hyperparameter kept in its regime at this gradient scale
     at_global_lr: Exp  # the output change when one lr (the smallest stable one) serves every layer
     mup_shift: Exp | None  # theta with (m, s, lr) = (m, s, lr) of muP moved by the abc-symmetry; None: no such theta
+    balanced: Balanced | None = field(default=None, repr=False, compare=False)  # the rule's step at this gradient
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ class Analysis:
 
 
 ANALYSIS_SCHEMA = "mupderive.analysis/1"
+ALIGNMENT_SCHEMA = "mupderive.alignment/1"  # a measured table (mupderive.verify.coord.alignment)
 
 
 def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, object]] = "sp",
@@ -204,7 +206,8 @@ def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, 
 
     where |U|(k) = min(effect(U) + (i - o)/2, rms(U) + k i) is the update direction's action on its input (the
     calculus' coherent effect is the most a full alignment can give) and r_prev the change of the layer's input.
-    The largest stable c keeps own and cross <= 0; the layer learns features when its change r = max(...) is 0.
+    The largest stable c keeps own and cross <= 0 and, for an update that scales with W itself (parameter scaling),
+    the update's entries below W0's (``c + rms(U) <= s``); the layer learns features when its change r is 0.
     U comes from the rule at this parameterization's gradient: dL/dlogits has entries ~ 1, and each layer passes
     back ``m (W0 + dW)^T delta``. Every scale-carrying hyperparameter is balanced at that gradient (the epsilon
     underflow diagnosis). ``parameterization``: sp, ntk, mup, mfp (Everett et al.'s tables) or
@@ -248,14 +251,14 @@ def analyze(rule: Rule | str, parameterization: str | Mapping[str, Mapping[str, 
             notes.append(f"{role}: the initial weights alone grow its output change as n^{terms['propagated']} "
                          f"(m + s + {k.propagated} i > 0): no learning rate is stable")
         layers[role] = LayerAnalysis(role, m, s, lr, change, terms, m + delta[role], dict(balanced.hyper),
-                                     at_global, _mup_shift(derived.layers[role], m, s, lr))
+                                     at_global, _mup_shift(derived.layers[role], m, s, lr), balanced)
         previous = (change, at_global)
     m, s = table["vector"]
     balanced, _, rms, act = _step(applied("vector"), "vector", m, s, delta["hidden"], Exp(0))
     lr = ZERO - m - act
     layers["vector"] = LayerAnalysis("vector", m, s, lr, ZERO, {"own": ZERO, "propagated": None, "cross": None},
                                      m + delta["hidden"], dict(balanced.hyper), global_lr - lr,
-                                     _mup_shift(derived.layers["vector"], m, s, lr))
+                                     _mup_shift(derived.layers["vector"], m, s, lr), balanced)
     return Analysis(rule, name or p_name, a_name, layers, global_lr, tuple(notes))
 
 
@@ -275,11 +278,23 @@ def _backward(table: dict[str, tuple[Exp, Exp]], aligns: dict[str, Alignment], a
         steps[role] = step = _step(applied(role), role, m, s, below, aligns[role].own)
         rms, act = step[2], step[3]
         bound[role] = ZERO - m - act
+        if (scaled := _self_scaled(applied(role), role, m, s, below, rms)) is not None:
+            bound[role] = signs.min(bound[role], scaled)
         if cap:
             bound[role] = signs.min(bound[role], s + o * HALF - o * aligns[role].own - rms)
         moved = bound[role] + rms  # entries of dW at that lr
         below = m + signs.max(s + o * HALF, moved + o * aligns[role].own) + below
     return delta, bound, steps
+
+
+def _self_scaled(rule: Rule, role: str, m: Exp, s: Exp, delta: Exp, rms: Exp) -> Exp | None:
+    """The lr bound of an update that scales with the weights it updates (parameter scaling, as Adafactor's
+    ``RMS(W)`` factor; found by moving the init and seeing the update's entries move): ``lr + rms(U) <= s``.
+
+    Beyond it the update outgrows W0, so W is its own accumulated update and each step multiplies it by a factor
+    that grows with width. None when the update does not scale with W."""
+    moved = _step(rule, role, m, s + 1, delta, Exp(1))[2]
+    return None if moved == rms else s - rms
 
 
 def _step(rule: Rule, role: str, m: Exp, s: Exp, delta: Exp, k: Exp) -> tuple[Balanced, Value, Exp, Exp]:
@@ -349,11 +364,17 @@ def _parameterization(spec: str | Mapping[str, Mapping[str, object]]) -> tuple[d
 
 
 def _alignments(spec: str | Mapping[str, Mapping[str, object]]) -> tuple[dict[str, Alignment], str]:
-    """{role: Alignment}: a named assumption for every role, or a table (missing roles and terms: full)."""
+    """{role: Alignment}: a named assumption for every role, or a table (missing roles and terms: full), bare or
+    the ``roles`` of a ``mupderive.alignment/1`` document (what ``coord-check --measure-alignment`` writes)."""
     if isinstance(spec, str):
         if spec not in ALIGNMENTS:
             raise MupError(f"unknown alignment {spec!r}; expected one of {', '.join(ALIGNMENTS)} or a table")
         return dict.fromkeys((*CHAIN, "vector"), ALIGNMENTS[spec]), spec
+    if "schema" in spec:
+        if spec["schema"] != ALIGNMENT_SCHEMA or not isinstance(spec.get("roles"), Mapping):
+            raise MupError(f"alignment: expected a {ALIGNMENT_SCHEMA} document with a \"roles\" table, got schema "
+                           f"{spec['schema']!r}")
+        spec = spec["roles"]
     full = ALIGNMENTS["full"]
     out = {}
     for role in (*CHAIN, "vector"):

@@ -28,6 +28,7 @@ examples:
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
+  mupderive coord-check adam --model gpt --parameterization sp --alignment full   # SP with per-layer lrs
   mupderive coord-check adamw --model gpt --depths 2,4,8,16 --widths 64   # ... across depth
   mupderive transfer adamw --store sweep.db    # learning-rate transfer sweep
   mupderive transfer adamw --depths 2,4,8,16 --widths 64   # ... across depth
@@ -49,10 +50,11 @@ def _convention_args(p: argparse.ArgumentParser) -> None:
                    help="choose a boolean option of the rule, e.g. --set nesterov=true (repeatable)")
 
 
-def _depth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--depth", action="store_true",
-                   help="also derive the exponents of the depth ratio L/L_base (residual branches times "
-                        "L^-alpha); implied by --branch-matrices and --alpha")
+def _depth_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
+    if flag:
+        p.add_argument("--depth", action="store_true",
+                       help="also derive the exponents of the depth ratio L/L_base (residual branches times "
+                            "L^-alpha); implied by --branch-matrices and --alpha")
     p.add_argument("--branch-matrices", type=int, default=None, metavar="K",
                    help="matrices stacked in one residual branch (default 2: alpha = 1, CompleteP; 1: alpha = 1/2, "
                         "Depth-muP)")
@@ -65,6 +67,18 @@ def _depth_sweep_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--no-depth-scaling", action="store_true",
                    help="with --depths: apply the generated module width-only (no branch multiplier, no depth "
                         "factor; the model as its own depth base), the baseline the depth scaling is tested against")
+
+
+def _parameterization_args(p: argparse.ArgumentParser, standard: bool = False) -> None:
+    plain = "standard (the model's own init, the real optimizer, one lr for all), " if standard else ""
+    p.add_argument("--parameterization", default="derived",
+                   metavar=f"derived|{'standard|' if standard else ''}sp|ntk|mup|mfp|TABLE.json",
+                   help=f"derived (the spectral condition's muP, default), {plain}or keep Everett et al.'s SP, NTK, "
+                        "muP or MFP multipliers and init (or a JSON table, as for analyze) and take each role's "
+                        "largest stable lr and hyperparameters from `mupderive analyze`")
+    p.add_argument("--alignment", default=None, metavar="full|none|TABLE.json",
+                   help="with an analysed --parameterization: the alignment assumption of the analysis, full, none "
+                        "or a JSON table (what coord-check --measure-alignment writes) (default: full)")
 
 
 def _verify_args(p: argparse.ArgumentParser, widths: str) -> None:
@@ -145,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"init_std\": E}} for input, hidden, output (vector optional) (default: sp)")
     p.add_argument("--alignment", default="full", metavar="full|none|TABLE.json",
                    help="full (coherent updates), none (incoherent), or a JSON file {ROLE: {\"own\": k, "
-                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1] (default: full)")
+                        "\"propagated\": k, \"cross\": k}} with k in [1/2, 1], or the table coord-check "
+                        "--measure-alignment writes (default: full)")
     p.add_argument("--format", default="table", choices=["table", "json", "markdown", "latex"])
 
     p = sub.add_parser("generate", help="emit a self-contained PyTorch module", formatter_class=fmt,
@@ -155,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mupderive.")
     _rule_arg(p)
     _convention_args(p)
+    _parameterization_args(p)
     p.add_argument("--branch-matrices", type=int, default=None, metavar="K",
                    help="matrices stacked in one residual branch, for the depth tables (default 2: alpha = 1, "
                         "CompleteP; 1: alpha = 1/2, Depth-muP)")
@@ -176,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.1, help="allowed |slope - prediction| (default: 0.1)")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and a log-log plot (PNG) here")
+    p.add_argument("--depths", default=None, metavar="L1,L2,...",
+                   help="instead of widths, train residual stacks of these depths (e.g. 2,4,8,16,32) at width 64 "
+                        "with the derived depth factors and fit the per-branch change (~ L^-1), the joint change of "
+                        "two matrices and the stream's change (~ L^0); also run width-only and the other alpha")
+    p.add_argument("--seeds", type=int, default=2, help="stacks per depth with --depths (default: 2)")
+    _depth_args(p, flag=False)
 
     p = sub.add_parser("coord-check", help="coordinate check on a real model", formatter_class=fmt,
                        description="Train a few steps at increasing widths with the generated module and check "
@@ -193,12 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: mlp)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _parameterization_args(p, standard=True)
     _convention_args(p)
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate at the base (smallest) width (default: a per-rule value, see the docs)")
     p.add_argument("--tolerance", type=float, default=0.15,
                    help="a layer passes when |slope| <= tolerance + its 95%% CI (default: 0.15)")
+    p.add_argument("--measure-alignment", default=None, metavar="FILE.json",
+                   help="also fit Everett et al.'s alignment exponents of every weight matrix (its output change "
+                        "terms dW z0, W0 dz, dW dz against coherent n^1 and incoherent n^1/2 sums over fan_in) and "
+                        "write the table `analyze --alignment FILE.json` reads")
     _depth_sweep_args(p, "check the depth instead: train at the smallest of --widths with D residual blocks each "
                          "(gpt, or FUNC(width, depth) of your own), slopes against depth; the residual stream after "
                          "matched blocks is judged too")
@@ -221,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 sequences for gpt, 64 for mlp "
                                                                 "(8 and 32 with --quick)")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--parameterization", default="derived", choices=["derived", "standard"])
+    _parameterization_args(p, standard=True)
     p.add_argument("--quick", action="store_true",
                    help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
     _depth_sweep_args(p, "sweep the depth instead: train at one width (the first of --widths, default 64) with D "

@@ -147,10 +147,11 @@ class DepthDerivation:
     def branch_multiplier(self) -> Fraction:
         return -self.alpha
 
-    def to_json(self) -> dict:
-        return {"alpha": str(self.alpha), "branch_matrices": str(self.branch_matrices),
-                "branch_multiplier": str(self.branch_multiplier), "imposed": self.imposed,
-                "breaks": list(self.breaks)}
+    def to_json(self) -> tuple[dict, dict]:
+        """The contract's ``depth`` object, and beside it whether alpha was imposed and what that breaks."""
+        return ({"alpha": str(self.alpha), "branch_matrices": str(self.branch_matrices),
+                 "branch_multiplier": str(self.branch_multiplier)},
+                {"imposed": self.imposed, "breaks": list(self.breaks)})
 
 
 def depth_alpha(spec: Depth) -> tuple[Fraction, tuple[str, ...]]:

@@ -18,6 +18,7 @@ from mupderive.depth import BRANCH_ROLES, Depth, DepthDerivation, DepthLayer, de
 from mupderive.errors import CalculusError, MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Rule
+from mupderive.literals import literal_notes
 from mupderive.solver import (
     CONVENTIONS,
     FANS,
@@ -157,10 +158,10 @@ class Derivation:
             "attention": {"logit_scale": str(rational(self.attention.logit_scale)),
                           "at_init": str(rational(self.attention.at_init))},
         }
-        if self.depth is not None:
-            out["depth"] = self.depth.to_json()
+        if self.depth is not None:  # the contract's keys, then what explains them beside it
+            out["depth"], out["depth_detail"] = self.depth.to_json()
             for role, layer in self.depth.layers.items():
-                out["layers"][role]["depth"] = _depth_json(layer)
+                out["layers"][role]["depth"], out["layers"][role]["depth_detail"] = _depth_json(layer)
         return out
 
     def _repr_latex_(self) -> str:
@@ -192,18 +193,20 @@ def _layer_json(layer: LayerDerivation) -> dict:
     return out
 
 
-def _depth_json(layer: DepthLayer) -> dict:
-    """A role's depth exponents where it sits (all 0 outside the branches), and its in-branch ones."""
-    applied = {k: str(v) for k, v in layer.applied().items()}
-    knobs = {k: applied.pop(k) for k in ("multiplier", "init_std", "lr")}
-    out = {"scope": layer.scope, **knobs, "hyper": applied,
-           "grad_norm": str(rational(layer.grad_norm)) if layer.scope == "branch" else "0",
-           "if_fixed": {name: {"regime": r.text, "lr": str(rational(r.lr))} for name, r in layer.if_fixed.items()}
-           if layer.scope == "branch" else {}}
-    if layer.scope != "branch":
-        inside = {k: str(v) for k, v in layer.exponents().items()}
-        out["in_branch"] = {k: inside.pop(k) for k in ("multiplier", "init_std", "lr")} | {"hyper": inside}
-    return out
+def _depth_json(layer: DepthLayer) -> tuple[dict, dict]:
+    """A role's depth exponents where it sits (all 0 outside the branches); beside them its scope, gradient norm,
+    fixed-hyperparameter diagnoses and, for a role outside the branches, what it would take inside one."""
+    def knobs(exponents: dict[str, sympy.Rational]) -> dict:
+        text = {k: str(v) for k, v in exponents.items()}
+        return {k: text.pop(k) for k in ("multiplier", "init_std", "lr")} | {"hyper": text}
+
+    inside = layer.scope == "branch"
+    detail = {"scope": layer.scope, "grad_norm": str(rational(layer.grad_norm)) if inside else "0",
+              "if_fixed": {name: {"regime": r.text, "lr": str(rational(r.lr))} for name, r in layer.if_fixed.items()}
+              if inside else {}}
+    if not inside:
+        detail["in_branch"] = knobs(layer.exponents())
+    return knobs(layer.applied()), detail
 
 
 def _tied_json(tied: TiedDerivation) -> dict:
@@ -320,10 +323,10 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
         m = m + (balanced.lr - knobs["lr"]) / kappa.const
         balanced = balance_layer(rule, make_layer(role, m, fans=fans), flags)
         shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans), flags)
-    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in rule.scale_hypers}
-    notes = list(balanced.notes)
-    notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in rule.scale_hypers
-              if h.default == 0]
+    used = [h for h in rule.scale_hypers if h.name in balanced.hyper]  # the others: not read by this role's rule
+    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in used}
+    notes = list(balanced.notes) + literal_notes(rule, balanced, shifted, flags)
+    notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in used if h.default == 0]
     layer = balanced.layer
     return LayerDerivation(role, rule.name, layer.o, layer.i, layer.m, layer.init, balanced.lr, balanced.hyper,
                            regimes, kappa, balanced, tuple(notes))

@@ -7,16 +7,26 @@ Per layer with multiplier ``n^m``, spectral condition (THEORY section 2) on the 
 
 with the hyperparameter exponents inside ``U`` fixed by regime preservation (the balance points of
 :mod:`mupderive.calculus.evaluate`). The abc-symmetry degree is ``kappa = lr(m) - lr(m + 1)``; an ``if_fixed`` scenario
-pins one hyperparameter at exponent 0 and lets the larger term win everywhere.
+pins one hyperparameter at exponent 0, the others at the rule's defaults (one that defaults to 0 is absent), and lets
+the larger term win everywhere.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from mupderive.calculus.evaluate import Comparison, Conflict, Evaluator, Layer, Outcome, Term, hyper_symbol
+from mupderive.calculus.evaluate import (
+    LR_SYMBOL,
+    Comparison,
+    Conflict,
+    Evaluator,
+    Layer,
+    Outcome,
+    Term,
+    hyper_symbol,
+)
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.errors import CalculusError, MupError
@@ -31,7 +41,7 @@ CONVENTIONS: dict[str, dict[str, Fraction]] = {
 }
 KNOBS = ("multiplier", "init_std", "lr")
 _FLOORS = {"sum", "max", "damping"}  # a larger hyperparameter is more active here (eps-like)
-_CEILINGS = {"min", "clip"}  # a smaller hyperparameter is more active here (clamp-like)
+CEILINGS = {"min", "clip"}  # a smaller hyperparameter is more active here (clamp-like)
 
 
 @dataclass(frozen=True)
@@ -83,22 +93,45 @@ def update_norm(outcome: Outcome, layer: Layer, signs: Signs) -> Exp:
     return spec
 
 
+def spectral_lr(layer: Layer, spec: Exp, path: str) -> Exp:
+    """``lr = (o - i)/2 - m - spec(U)``; where the rule reads lr, ``spec(U) = a + b lr`` and the fixed point is
+    ``lr = ((o - i)/2 - m - a) / (1 + b)`` (lr assumed constant over steps)."""
+    b = spec.coefficient(LR_SYMBOL)
+    if b == 0:
+        return layer.target - layer.m - spec
+    if b == -1:
+        raise CalculusError(f"{path}: the {layer.role} update's spectral norm scales as 1/lr: no learning rate "
+                            f"meets the spectral condition")
+    return (layer.target - layer.m - spec.subs({LR_SYMBOL: ZERO})) / (1 + b)
+
+
 _MEMO: dict[tuple, Outcome] = {}
 
 
 def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, Exp], balance: bool,
-             signs: Signs | None = None) -> Outcome:
-    """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations)."""
+             signs: Signs | None = None, lr: Exp | None = None) -> Outcome:
+    """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations). Where
+    the rule reads lr, its exponent is ``lr`` if given, else first a symbol, solved from the spectral condition, then
+    substituted."""
+    outcome = _evaluate(rule, layer, flags, pins, balance, signs, lr)
+    spec = Frame({"o": layer.o, "i": layer.i}, signs or Signs()).metric(outcome.direction, "spec")
+    if spec is None or LR_SYMBOL not in spec.symbols:
+        return outcome
+    return _evaluate(rule, layer, flags, pins, balance, signs, spectral_lr(layer, spec, rule.path or rule.name))
+
+
+def _evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, Exp], balance: bool,
+              signs: Signs | None, lr: Exp | None) -> Outcome:
     body = rule.body(layer.role if layer.vector else "matrix")
     if signs is not None and signs.assumptions:
-        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance).run()
+        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance, lr).run()
     key = (rule.digest, layer, tuple(sorted(flags.items())), tuple(sorted(pins.items(), key=str)),
-           balance)
+           balance, lr)
     if key not in _MEMO:
         if len(_MEMO) > 4096:
             _MEMO.clear()
         _MEMO[key] = Evaluator(rule.path or rule.name, body, rule.hypers, layer, Signs(), pins, flags,
-                               balance).run()
+                               balance, lr).run()
     return _MEMO[key]
 
 
@@ -124,7 +157,8 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
                             f"direction {show_expr(body.direction)} does not depend on the gradient: no learning "
                             f"rate makes it learn features")
     signs = signs or Signs()
-    pins: dict[str, Exp] = {}
+    unused = [h.name for h in rule.scale_hypers if h.name not in body.reads]  # '-' in tables: not this rule's
+    pins: dict[str, Exp | None] = dict.fromkeys(unused)
     notes: list[str] = []
     for _ in range(len(rule.hypers) + 2):
         try:
@@ -139,9 +173,9 @@ def balance_layer(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
                              f"learning rate absorbs): kept {independent(layer.variable)}")
             continue
         hyper = {h.name: outcome.solved.get(hyper_symbol(h.name), pins.get(h.name, ZERO))
-                 for h in rule.scale_hypers}
+                 for h in rule.scale_hypers if h.name not in unused}
         lr = layer.target - layer.m - update_norm(outcome, layer, signs)
-        return Balanced(layer, outcome, hyper, lr, notes)
+        return Balanced(layer, outcome, hyper, lr, notes + [f"assumed: {a}" for a in outcome.assumed])
     raise CalculusError(f"{rule.name}: could not settle the hyperparameters of the {layer.role} layer")
 
 
@@ -155,7 +189,7 @@ def _resolve(clash: Conflict, signs: Signs, notes: list[str], v: str = "n") -> E
     ops = {clash.first.op, clash.second.op}
     if ops <= _FLOORS:
         chosen, why = signs.min(have, clash.need), "the smaller exponent keeps it from dominating either"
-    elif ops <= _CEILINGS:
+    elif ops <= CEILINGS:
         chosen, why = signs.max(have, clash.need), "the larger exponent keeps it from binding in either"
     else:
         raise CalculusError(f"contradiction: {clash.hyper} must scale as {v}^{have} to balance {clash.first.text} "
@@ -175,28 +209,57 @@ def make_layer(role: str, m: Exp, init: Exp | None = None, signs: Signs | None =
 
 @dataclass(frozen=True)
 class Regime:
-    """What happens when one hyperparameter is kept independent of the scaling variable."""
+    """What happens when one hyperparameter is kept independent of the scaling variable, the others at the rule's
+    defaults: those that default to 0 (``absent``) are left out, the rest scaled as derived. ``with_set`` is the same
+    scenario with the absent ones set and scaled as derived (None when there are none)."""
 
     text: str
     lr: Exp
     kappa: Exp
     comparisons: tuple[Comparison, ...]
     outcome: Outcome | None = field(default=None, compare=False, repr=False)  # the pinned step (None: nothing moved)
+    absent: tuple[str, ...] = ()
+    with_set: Regime | None = field(default=None, compare=False, repr=False)
 
 
 def if_fixed(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool]) -> Regime:
-    """Pin ``name`` at exponent 0 (others as derived) and see which terms win at large width (or depth)."""
+    """Pin ``name`` at exponent 0, at the rule's defaults (hyperparameters defaulting to 0 absent, others as
+    derived), and see which terms win at large width (or depth); where it differs, also say what happens with those
+    set."""
     layer, derived = balanced.layer, balanced.hyper[name]
-    step = (shifted.layer.m - layer.m).const  # kappa per unit of multiplier exponent (a small step stays in regime)
     if derived == ZERO:
+        step = (shifted.layer.m - layer.m).const
         return Regime(_regime_text(name, derived, (), balanced.lr, balanced.lr, ZERO, layer.variable), balanced.lr,
                       (balanced.lr - shifted.lr) / step, ())
-    pins = dict(balanced.hyper) | {name: ZERO}
-    outcome = evaluate(rule, layer, flags, pins, False)
-    lr = layer.target - layer.m - update_norm(outcome, layer, Signs())
+    absent = tuple(h.name for h in rule.scale_hypers if h.default == 0 and h.name != name and h.name in balanced.hyper)
+    with_set = _pinned(rule, balanced, shifted, name, flags, ())
+    if not absent:
+        return with_set
+    try:
+        at_defaults = _pinned(rule, balanced, shifted, name, flags, absent)
+    except CalculusError as exc:
+        return replace(with_set, text=f"{with_set.text} (with {', '.join(absent)} set; at the default 0 the step "
+                                      f"cannot be bounded: {exc})")
+    text, listed = at_defaults.text, ", ".join(absent)
+    if (at_defaults.lr, at_defaults.kappa) != (with_set.lr, with_set.kappa):
+        setting = "the default 0" if len(absent) == 1 else "their default 0"
+        text += (f" (with {listed} at {setting}; with {listed} set and scaled as derived instead, "
+                 f"{_lr_text(with_set.lr, balanced.lr, with_set.kappa, layer.variable)})")
+    return replace(at_defaults, text=text, absent=absent, with_set=with_set)
+
+
+def _pinned(rule: Rule, balanced: Balanced, shifted: Balanced, name: str, flags: dict[str, bool],
+            absent: tuple[str, ...]) -> Regime:
+    """The step with ``name`` at exponent 0, ``absent`` set to 0 and the other hyperparameters as derived."""
+    layer, derived = balanced.layer, balanced.hyper[name]
+    step = (shifted.layer.m - layer.m).const  # kappa per unit of multiplier exponent (a small step stays in regime)
+    zeroed: dict[str, Exp | None] = dict.fromkeys(absent)
+    pins = dict(balanced.hyper) | {name: ZERO} | zeroed
+    lr = layer.target - layer.m - update_norm(evaluate(rule, layer, flags, pins, False), layer, Signs())
+    outcome = evaluate(rule, layer, flags, pins, False, lr=balanced.lr)  # the step at the derived lr (what is run)
     kappa = (balanced.lr - shifted.lr) / step
     if lr != balanced.lr:  # a new regime: how does the update respond to rescaling the gradient there?
-        shifted_pins = dict(shifted.hyper) | {name: ZERO}
+        shifted_pins = dict(shifted.hyper) | {name: ZERO} | zeroed
         kappa = (lr - (shifted.layer.target - shifted.layer.m - update_norm(
             evaluate(rule, shifted.layer, flags, shifted_pins, False), shifted.layer, Signs()))) / step
     touched = tuple(c for c in outcome.comparisons if name in c.direct) or tuple(
@@ -218,10 +281,13 @@ def _regime_text(name: str, derived: Exp, touched: tuple[Comparison, ...], lr: E
             parts.append(_dominance(comparison, mine[0], max(other, key=lambda t: t.e.const), v))
     where = "; ".join(parts) or f"{name} drifts away from its balance point"
     grows = "grows" if derived.const < 0 else "shrinks"
-    head = f"{name} {grows} relative to what it is compared with: {where}"
+    return f"{name} {grows} relative to what it is compared with: {where}; {_lr_text(lr, lr_derived, kappa, v)}"
+
+
+def _lr_text(lr: Exp, lr_derived: Exp, kappa: Exp, v: str = "n") -> str:
     if lr == lr_derived:
-        return f"{head}; the learning-rate exponent is unchanged"
-    return f"{head}; the update becomes {behaviour(kappa)} and needs lr ~ {v}^{lr} instead of {v}^{lr_derived}"
+        return "the learning-rate exponent is unchanged"
+    return f"the update becomes {behaviour(kappa)} and needs lr ~ {v}^{lr} instead of {v}^{lr_derived}"
 
 
 def _dominance(comparison: Comparison, mine: Term, other: Term, v: str = "n") -> str:
@@ -230,7 +296,7 @@ def _dominance(comparison: Comparison, mine: Term, other: Term, v: str = "n") ->
     if mine.e.const == other.e.const:
         return f"{mine.text} stays balanced with {other.text}"
     larger = mine.e.const > other.e.const
-    if comparison.op in _CEILINGS:
+    if comparison.op in CEILINGS:
         if larger:
             return f"{mine.text} no longer binds in {comparison.text} {sizes}"
         return f"{mine.text} always binds in {comparison.text}: it saturates at {mine.text} {sizes}"

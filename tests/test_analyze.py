@@ -27,9 +27,6 @@ CELLS = {
     ("adafactor", "full"): {"sp": "0 1/2 1/2", "ntk": "0 1/2 1/2", "mup": "0 1/2 0", "mfp": "0 1/2 0"},
     ("adafactor", "none"): {"sp": "0 0 0", "ntk": "0 0 0", "mup": "0 0 0", "mfp": "0 0 0"},
 }
-# The solve bounds a parameter-scaled update (Adafactor) by the weights it scales with; the calculus keeps W's
-# accumulated update at its spectral size, so it lets the readout's lr grow to n^1/2 where the update outgrows W.
-NOT_YET = {("adafactor", "none", "mup"), ("adafactor", "none", "mfp")}
 PARAMS = [(rule, alignment, p, want) for (rule, alignment), row in CELLS.items() for p, want in row.items()]
 
 
@@ -37,11 +34,20 @@ def _c(result) -> str:
     return " ".join(str(-rational(result.layers[r].lr)) for r in ("input", "hidden", "output"))
 
 
-@pytest.mark.parametrize(("rule", "alignment", "parameterization", "want"), [
-    pytest.param(*cell, marks=pytest.mark.xfail(strict=True, reason="self-consistent W under parameter scaling"))
-    if cell[:3] in NOT_YET else cell for cell in PARAMS], ids=[f"{r}-{a}-{p}" for r, a, p, _ in PARAMS])
+@pytest.mark.parametrize(("rule", "alignment", "parameterization", "want"), PARAMS,
+                         ids=[f"{r}-{a}-{p}" for r, a, p, _ in PARAMS])
 def test_published_cells(rule, alignment, parameterization, want):
     assert _c(analyze(rule, parameterization, alignment)) == want
+
+
+def test_a_parameter_scaled_update_cannot_outgrow_the_weights_it_scales_with():
+    """Adafactor's step is rms(W) times a normalized direction: past lr ~ n^0 the update outgrows W0 and W grows by a
+    width-dependent factor every step, so the unaligned muP/MFP readout stays at n^0; Adam's (not parameter-scaled)
+    MFP readout takes its n^1/2."""
+    for p in ("mup", "mfp"):
+        layer = analyze("adafactor", p, "none").layers["output"]
+        assert rational(layer.lr) == 0 and rational(layer.terms["own"]) < 0  # the cap binds below the own term's
+    assert rational(analyze("adam", "mfp", "none").layers["output"].lr) == Fraction(1, 2)
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adam", "adafactor"])

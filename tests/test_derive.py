@@ -278,3 +278,47 @@ def test_cli_derive_formats():
     proc = subprocess.run([sys.executable, "-m", "mupderive", "explain", "adamw", "--layer", "sideways"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "expected one of" in proc.stderr
+
+
+LR_RULE = '''
+name = "lrinside"
+title = "lr inside"
+paper = "none"
+[implementation]
+[hyperparameters]
+lr = {{ role = "lr", default = 0.1 }}
+eps = {{ role = "scale", default = 1e-8 }}
+[update]
+state = {{ m = "zeros(G)" }}
+compute = """
+m = ema(m, G, 0.9)
+c = lr**2 / (t * lr**2)
+u = {u}
+"""
+direction = "u"
+'''
+
+
+def test_lr_inside_expressions_is_the_unknown_solved_for(tmp_path):
+    """U = lr * Adam's direction: |U|_* = n^(lr + a), so lr = (o - i)/2 - lr - a gives half of Adam's exponent;
+    c = lr^2 / (t lr^2) (schedule-free's weight at a constant lr) is width-free. The oracle (interpreter) measures
+    |dW|_* flat at that lr."""
+    from mupderive.verify.oracle import run_oracle
+
+    path = tmp_path / "lrinside.toml"
+    path.write_text(LR_RULE.format(u="(1 - c) * lr * m / (sqrt(m**2) + eps)"), encoding="utf-8")
+    d = derive(str(path))
+    assert d.layers["hidden"].lr == Fraction(-1, 2) and d.layers["output"].lr == Fraction(-1, 2)
+    assert d.layers["input"].lr == 0
+    rep = run_oracle(path, widths=(64, 128, 256), steps=3, seeds=1, roles=("hidden",))
+    assert rep.check("hidden", "|dW|_*").passed and rep.passed
+
+
+def test_a_comparison_ordered_by_the_lr_exponent_is_diagnosed_where_it_sits(tmp_path):
+    path = tmp_path / "lrinside.toml"
+    path.write_text(LR_RULE.format(u="m / (sqrt(m**2) + eps) + lr * sign(G)"), encoding="utf-8")
+    with pytest.raises(CalculusError) as info:
+        derive(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}:14:5: in m / (sqrt(m**2) + eps) + lr * sign(G):") and "lr:" not in message
+    assert "assuming a constant lr" in message

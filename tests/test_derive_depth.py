@@ -39,15 +39,16 @@ def test_depth_mup_tp6_cells():
 def test_completep_cells():
     """CompleteP (alpha = 1): AdamW's hidden lr is depth-independent, eps ~ L^-1; embedding and readout untouched."""
     d = _depth("adamw")
-    assert d["depth"] == {"alpha": "1", "branch_matrices": "2", "branch_multiplier": "-1", "imposed": False,
-                          "breaks": []}
+    assert d["depth"] == {"alpha": "1", "branch_matrices": "2", "branch_multiplier": "-1"}
+    assert d["depth_detail"] == {"imposed": False, "breaks": []}
     hidden = d["layers"]["hidden"]["depth"]
-    assert (hidden["scope"], hidden["lr"], hidden["init_std"], hidden["multiplier"]) == ("branch", "0", "0", "0")
-    assert hidden["hyper"]["eps"] == "-1"
+    assert hidden == {"multiplier": "0", "init_std": "0", "lr": "0", "hyper": {"eps": "-1", "weight_decay": "0"}}
+    assert d["layers"]["hidden"]["depth_detail"]["scope"] == "branch"
     for role in ("input", "output"):
         outside = d["layers"][role]["depth"]
-        assert outside["scope"] == "outside" and outside["lr"] == "0"
+        assert d["layers"][role]["depth_detail"]["scope"] == "outside" and outside["lr"] == "0"
         assert set(outside["hyper"].values()) == {"0"}
+        assert d["layers"][role]["depth_detail"]["in_branch"]["hyper"]["eps"] == "-1"
 
 
 @pytest.mark.parametrize("alpha", [Fraction(1, 2), Fraction(3, 4), Fraction(1)])

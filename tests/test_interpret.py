@@ -50,6 +50,8 @@ def _trajectories(name: str, role: str = "hidden", steps: int = 4, **overrides):
     ("shampoo", {"momentum": 0.5, "weight_decay": 0.1, "matrix_eps": 1e-3}),  # small eps: roots amplify rounding
     ("lion", {"weight_decay": 0.5}),
     ("signsgd", {"weight_decay": 0.5}),
+    ("soap", {"weight_decay": 0.3, "eps": 1e-3, "precondition_frequency": 100}),
+    ("soap", {"normalize_gradient": True, "correct_bias": False, "eps": 1e-3}),
 ])
 def test_interpreter_reproduces_the_implementation_exactly(name, overrides):
     W0, ours, theirs = _trajectories(name, **overrides)
@@ -162,7 +164,64 @@ direction = "sign(G) / 2"
 
 
 def test_every_primitive_of_the_language_has_reference_semantics():
-    assert set(FUNCTIONS) == set(PRIMITIVES) | {"max", "min", "clip", "atan2", "matpow"}
+    assert set(FUNCTIONS) == set(PRIMITIVES) | {"max", "min", "clip", "atan2", "matpow", "left_singular",
+                                                 "right_singular"}
+
+
+def test_galore_matches_the_library_up_to_its_float32_svd():
+    """pytorch_optimizer.GaLore takes the SVD in float32 for float64 parameters: the trajectories agree to that
+    precision on the hidden and (through transpose_wide: the library's left projection) the output layer. Rank 4, the
+    synthetic gradients' rank: singular vectors beyond it are float32 rounding, which Adam's normalisation would
+    amplify up to eps."""
+    for role in ("hidden", "output"):
+        W0, ours, theirs = _trajectories("galore", role, weight_decay=0.2, eps=1e-3, rank=4)
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.linalg.vector_norm(a - b) <= 1e-5 * torch.linalg.vector_norm(b - W0), role
+
+
+def _tiny(body: str) -> object:
+    return parse_rule(f'''
+name = "tiny"
+title = "t"
+paper = "p"
+[implementation]
+[hyperparameters]
+lr = {{ role = "lr", default = 0.5 }}
+wd = {{ role = "scale", default = 0.2 }}
+k = {{ role = "width-free", default = 2 }}
+[update]
+{body}
+''', "tiny.toml")
+
+
+@pytest.mark.parametrize(("form", "expected"), [
+    ("after", lambda W, U: (W - 0.5 * U) * (1 - 0.5 * 0.2)),
+    ("proximal", lambda W, U: (W - 0.5 * U) / (1 + 0.5 * 0.2)),
+    ("decoupled", lambda W, U: W * (1 - 0.5 * 0.2) - 0.5 * U),
+])
+def test_decay_forms_act_on_the_weight_as_declared(form, expected):
+    rule = _tiny(f'direction = "sign(G)"\ndecay = "wd"\ndecay_form = "{form}"')
+    W, G = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    got = Interpreter(rule, "hidden", {"lr": 0.5, "wd": 0.2, "k": 2}).step(W, G).W
+    assert torch.allclose(got, expected(W, G.sign()), rtol=1e-14, atol=0)
+
+
+def test_a_state_refreshed_on_a_step_condition_keeps_its_value_between_refreshes():
+    rule = _tiny('state = { s = "G" }\ncompute = "s = G if t % k == 0 else s"\ndirection = "s"')
+    interp = Interpreter(rule, "hidden", {"lr": 1.0, "wd": 0.0, "k": 2})
+    grads = [torch.full((2, 2), float(i), dtype=F64) for i in range(1, 6)]
+    seen = [float(interp.step(torch.zeros(2, 2, dtype=F64), G).values["s"][0, 0]) for G in grads]
+    assert seen == [1.0, 2.0, 2.0, 4.0, 4.0]  # initial value at t = 1, refreshed at t = 2 and 4
+
+
+def test_transpose_wide_runs_a_wide_matrix_on_its_transpose():
+    """GaLore's 'std' choice: the body projects on the right (G P P^T); a wide matrix gets P P^T on the left."""
+    rule = _tiny('transpose_wide = true\ndirection = "G @ right_singular(G, 1) @ right_singular(G, 1).T"\n'
+                 '[update.vector]\ndirection = "G"')
+    G = torch.randn(2, 5, dtype=F64)
+    U, _, _ = torch.linalg.svd(G, full_matrices=False)
+    got = Interpreter(rule, "hidden", {"lr": 1.0, "wd": 0.0, "k": 2}).step(torch.zeros(2, 5, dtype=F64), G).W
+    assert torch.allclose(-got, U[:, :1] @ U[:, :1].T @ G, atol=1e-12)
 
 
 def test_trust_ratio_guards_zero_norms():

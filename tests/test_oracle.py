@@ -60,6 +60,26 @@ def test_coupled_decay_kept_fixed_shows_the_predicted_log_factor(name):
     assert check.passed and check.deviation > check.tolerance, check.deviation
 
 
+def test_soap_follows_shampoos_learning_rate_law_and_galore_fan_in_to_the_minus_half():
+    """Measured on the real classes (issue 13): SOAP's lr ~ sqrt(fan_out/fan_in) like Shampoo, not Adam's 1/fan_in;
+    GaLore's hidden lr ~ n^-1/2. Derived from the rules (rotation into the eigenbasis keeps the gradient on O(1)
+    coordinates, where Adam's normalisation makes O(1) entries; a fixed rank r leaves fan_out x r entries of O(1)),
+    and confirmed by the oracle's |dW|_* slope against the real class at those lrs."""
+    soap, shampoo, galore, adam = (derive(n) for n in ("soap", "shampoo", "galore", "adam"))
+    for role in ("input", "hidden", "output"):
+        assert soap.layers[role].lr == shampoo.layers[role].lr != adam.layers[role].lr, role
+    assert galore.layers["hidden"].lr == Fraction(-1, 2) and adam.layers["hidden"].lr == -1
+    for name in ("soap", "galore"):
+        check = report(name).check("hidden", "|dW|_*")
+        assert check.passed and abs(check.fit.slope) < 0.1, (name, check.fit)
+
+
+def test_soap_without_its_rotation_fails_against_the_real_soap(tmp_path):
+    path = _variant(tmp_path, "soap", "v = ema(v, (QL.T @ G @ QR)**2, beta2)", "v = ema(v, G**2, beta2)")
+    rep = run_oracle(path, widths=(64, 128), steps=STEPS, seeds=1, roles=("hidden",))
+    assert not rep.roles[0].results[0].match.passed
+
+
 def test_jupyter_table_has_a_row_per_check():
     rep = report("rmsprop")
     markdown = rep._repr_markdown_()

@@ -16,7 +16,7 @@ import torch
 from mupderive.calculus.exponent import Exp, Signs
 from mupderive.calculus.value import Frame, Part, Value, scalar
 from mupderive.verify.fit import fit_slope
-from mupderive.verify.interpret import matpow, orthogonalize
+from mupderive.verify.interpret import eigbasis, matpow, orthogonalize, singular_basis
 from mupderive.verify.synthetic import spectral_norm
 
 WIDTHS = (64, 128, 256, 512)
@@ -82,7 +82,7 @@ class Case:
 
 
 def frame(tall: bool) -> Frame:
-    return Frame({"o": Exp(1), "i": Exp(0 if tall else 1)}, Signs())
+    return Frame({"o": Exp(1), "i": Exp(0 if tall else 1), "r": Exp(0)}, Signs())
 
 
 CASES = [
@@ -163,6 +163,67 @@ CASES = [
                             outer(Fraction(-1, 2), ("o",)), ("o",)), ("rms", "fro")),
 ]
 
+# Rotations into eigen/singular bases of gradient statistics (SOAP, GaLore): measured on the real eigh/svd bases.
+RANK_KEPT = 8  # a truncated basis' rank, fixed in width (larger than the gradient's rank 4)
+
+
+def _sign(X: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = 0 for the entries a rotation leaves at rounding level (outside the batch's coordinates)."""
+    return X.sign() * (X.abs() > 1e-9 * X.abs().max())
+
+
+def _rotated(g: Gen, X: torch.Tensor | None = None) -> torch.Tensor:
+    """``QL^T X QR`` in the eigenbases of G's statistics ``G G^T``, ``G^T G`` (X defaults to G itself)."""
+    G = g.outer(0)
+    QL, QR = eigbasis(G @ G.T), eigbasis(G.T @ G)
+    return QL.T @ (G if X is None else X) @ QR
+
+
+def _rotated_value(f: Frame, x: Value) -> Value:
+    basis = f.basis(_gram_value(f), ("o", "o"))
+    return f.matmul(f.matmul(f.transpose(basis), x, SQUARE), basis, SQUARE)
+
+
+def _soap_u(g: Gen) -> torch.Tensor:
+    """SOAP's direction: Adam's G / (|G| + eps) in the eigenbasis (eps ~ the rotated entries, |G|_F = 1), back."""
+    G = g.outer(0)
+    QL, QR = eigbasis(G @ G.T), eigbasis(G.T @ G)
+    R = QL.T @ G @ QR
+    return QL @ (R / (R.abs() + 1.0)) @ QR.T
+
+
+def _soap_u_value(f: Frame) -> Value:
+    basis = f.basis(_gram_value(f), ("o", "o"))
+    R = _rotated_value(f, outer(ZERO))
+    u = f.mul(R, f.power(f.add(f.power(R, Fraction(1), "even"), const(ZERO)), Fraction(-1), "odd"))
+    return f.matmul(f.matmul(basis, u, SQUARE), f.transpose(basis), SQUARE)
+
+
+def _galore_u(g: Gen) -> torch.Tensor:
+    """GaLore's direction for fan_out >= fan_in: sign of G P (P the leading right singular vectors), back by P^T."""
+    G = g.outer(0)
+    P = singular_basis(G, RANK_KEPT, left=False)
+    return _sign(G @ P) @ P.T
+
+
+def _galore_u_value(f: Frame) -> Value:
+    P = f.basis(outer(ZERO), ("i", "r"))
+    low = f.matmul(outer(ZERO), P, ("o", "r"))
+    return f.matmul(f.power(low, Fraction(0), "odd"), f.transpose(P), SQUARE)
+
+
+CASES += [
+    Case("QL.T @ G @ QR", lambda g: _rotated(g), lambda f: _rotated_value(f, outer(ZERO)), ("entry", "rms", "spec")),
+    Case("sign(QL.T @ G @ QR)", lambda g: _sign(_rotated(g)),
+         lambda f: f.power(_rotated_value(f, outer(ZERO)), Fraction(0), "odd"), ("entry", "rms", "spec")),
+    Case("QL.T @ Z @ QR", lambda g: _rotated(g, g.dense(0)), lambda f: _rotated_value(f, dense(ZERO))),
+    Case("QL (R / (|R| + eps ~ 1)) QR^T, R = QL.T G QR", _soap_u, _soap_u_value, ("rms", "spec", "entry")),
+    Case("G @ P, P = right_singular(G, 8)", lambda g: (lambda G: G @ singular_basis(G, RANK_KEPT, False))(g.outer(0)),
+         lambda f: f.matmul(outer(ZERO), f.basis(outer(ZERO), ("i", "r")), ("o", "r")), ("entry", "spec")),
+    Case("sign(G @ P) @ P.T", _galore_u, _galore_u_value),
+]
+
+
 def _reciprocal_magnitude(f: Frame) -> Value:
     """``1 / (|Z| + eps)`` with ``Z`` dense of RMS n^-1/2 and ``eps`` ~ n^-1."""
     magnitude = f.power(dense(Fraction(-1, 2)), Fraction(1), "even")
@@ -212,6 +273,8 @@ def _shampoo_vector(g: Gen) -> torch.Tensor:
 def measured(value: torch.Tensor, metric: str) -> float:
     if metric == "rms":
         return float(value.square().mean().sqrt())
+    if metric == "entry":  # the typical nonzero entry, as the oracle measures it
+        return float((value.square().square().sum() / value.square().sum()).sqrt())
     if metric == "fro" or value.dim() < 2:
         return float(torch.linalg.vector_norm(value))
     return spectral_norm(value)

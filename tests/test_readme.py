@@ -25,3 +25,13 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(c for c in commands if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command.strip() in [line.strip() for line in ci]
+
+
+def test_every_function_of_the_rule_language_is_in_the_readme_table():
+    from mupderive.language.ir import FUNCTIONS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text[text.index("| function | meaning |"):]
+    block = block[:block.index("\n\n")]
+    documented = set(re.findall(r"`([a-z_0-9]+)\(", block))
+    assert documented == set(FUNCTIONS), sorted(set(FUNCTIONS) ^ documented)

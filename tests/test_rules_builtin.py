@@ -1,4 +1,4 @@
-"""The 13 built-in rules: they load, are complete, print back to equal IR and mirror real constructor arguments."""
+"""The 15 built-in rules: they load, are complete, print back to equal IR and mirror real constructor arguments."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import re
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from mupderive import builtin_rule_names, load_rule
 from mupderive.language.ir import Expr
 from mupderive.language.parse import Origin, parse_expr
 from mupderive.language.printer import show_expr, show_rule
 from mupderive.language.rule import HYPER_ROLES, ROLES, Body, Rule
-from mupderive.verify.train import import_class
+from mupderive.verify.train import constructor_arguments, import_class
 
-EXPECTED = ["adafactor", "adam", "adam_atan2", "adamw", "adopt", "lamb", "lion", "muon", "rmsprop", "sgd", "shampoo",
-            "signsgd", "sophia"]
+EXPECTED = ["adafactor", "adam", "adam_atan2", "adamw", "adopt", "galore", "lamb", "lion", "muon", "rmsprop", "sgd",
+            "shampoo", "signsgd", "soap", "sophia"]
 NAMES = builtin_rule_names()
 
 
@@ -37,7 +38,7 @@ def expressions(body: Body) -> Iterator[tuple[str, Expr]]:
         yield "decay", body.decay
 
 
-def test_exactly_the_thirteen_builtin_rules():
+def test_exactly_the_fifteen_builtin_rules():
     assert sorted(NAMES) == EXPECTED
 
 
@@ -96,6 +97,15 @@ def test_implementation_args_map_declared_hyperparameters(name):
         assert impl.arg(rule.lr.name) == "lr"
 
 
+def group_keys(rule: Rule) -> set[str]:
+    """The keys of the parameter group the real class builds from the rule's defaults (a class taking extra keyword
+    arguments into its defaults, as GaLore does its projection settings, has them there)."""
+    impl = rule.implementation
+    values = {h.name: h.default for h in rule.hypers}
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    return set(import_class(impl.cls)([param], **constructor_arguments(impl, values)).param_groups[0])
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if load_rule(n).implementation.cls is not None])
 def test_mapped_constructor_arguments_exist(name):
     impl = load_rule(name).implementation
@@ -105,12 +115,13 @@ def test_mapped_constructor_arguments_exist(name):
         match = re.fullmatch(r"(\w+)(?:\[(\d)\])?", arg)
         assert match, arg
         base, index = match.group(1), match.group(2)
-        assert base in named, f"{impl.cls} has no constructor argument {base!r} (for {hyper})"
+        assert base in named or base in group_keys(load_rule(name)), (
+            f"{impl.cls} has no constructor argument {base!r} (for {hyper})")
         if index is not None:
             default = named[base].default
             assert isinstance(default, tuple) and int(index) < len(default), f"{impl.cls}.{base} is not a tuple"
     for arg, _ in impl.fixed:
-        assert arg in named, f"{impl.cls} has no constructor argument {arg!r}"
+        assert arg in named or arg in group_keys(load_rule(name)), f"{impl.cls} has no constructor argument {arg!r}"
 
 
 def test_the_rule_without_a_library_class_is_adam_atan2():

@@ -54,6 +54,9 @@ def edit(*pairs: tuple[str, str], text: str = MINIMAL) -> str:
     return text
 
 
+VECTOR = ('decay = "eps"\n', 'decay = "eps"\n\n[update.vector]\ndirection = "G"\n')  # a matrix-only body
+
+
 def direction(expr: str) -> str:
     return edit(('direction = "u"', f'direction = "{expr}"'))
 
@@ -97,7 +100,14 @@ def test_minimal_rule_is_valid():
     compute("m = ema(m, G, momentum)", "u = m  # comments may say anything: \u00e9t\u00e9 \u2264 \u03b2"),
     edit(("decay = \"eps\"\n", "decay = \"eps\"\n\n[update.vector]\ndirection = \"G / (rms(G) + eps)\"\n")),
     MINIMAL.replace("\n", "\r\n"),
-], ids=["cube-root", "power-16", "conditional", "unicode-comment", "vector-body", "crlf"])
+    direction("u if t % 10 == 0 else m"),
+    direction("u if t <= 3 else -m"),
+    edit(('decay = "eps"', 'decay = "eps"\ndecay_form = "proximal"')),
+    direction("lr * u"),
+    edit(('direction = "u"', 'direction = "G @ right_singular(G, 2) @ right_singular(G, 2).T"'), VECTOR),
+    edit(('direction = "u"', 'direction = "eigbasis(G @ G.T).T @ u @ eigbasis(G.T @ G)"'), VECTOR),
+], ids=["cube-root", "power-16", "conditional", "unicode-comment", "vector-body", "crlf", "step-modulo", "step-less",
+        "proximal-decay", "lr-in-expression", "singular-bases", "eigenbases"])
 def test_perturbations_that_stay_valid(text):
     assert parse_rule(text, "ok.toml").name == "mini"
 
@@ -220,8 +230,7 @@ CASES = [
      "initial value reads 'm'", "state initial values may use only"),
     ("init-reads-t", edit(('"zeros(G)"', f'"zeros(G) * {MARK}t"')), "initial value reads 't'", ""),
     ("zeros-outside-init", direction(f"{MARK}zeros(G)"), "zeros() outside a state's initial value", ""),
-    ("lr-in-expression", direction(f"{MARK}lr * u"), "the learning rate cannot appear in expressions",
-     "the optimizer applies W <- W - lr * direction itself"),
+    ("lr-in-step-condition", direction(f"u if t * {MARK}lr < 1 else m"), "step condition reads 'lr'", "width-free"),
     # hyperparameters
     ("no-lr", edit(("[hyperparameters]", f"{MARK}[hyperparameters]"), ('role = "lr"', 'role = "scale"')),
      '0 hyperparameters have role "lr"', "exactly one learning rate"),
@@ -236,7 +245,9 @@ CASES = [
      "use it as a condition"),
     ("condition-not-boolean", direction(f"{MARK}u if eps else m"), "condition 'eps' is not a boolean hyperparameter",
      "default true or false"),
-    ("condition-expression", direction(f"u if {MARK}eps > 0 else m"), "condition must be a boolean hyperparameter",
+    ("condition-expression", direction(f"u if {MARK}eps > 0 else m"), "step condition reads 'eps'",
+     "width-free hyperparameters"),
+    ("condition-call", direction(f"u if {MARK}sqrt(u) else m"), "condition must be a boolean hyperparameter",
      "with flag a name"),
     ("condition-dunder", direction(f"u if {MARK}__debug__ else m"), "invalid name '__debug__'", ""),
     # exponents and literals
@@ -284,6 +295,22 @@ CASES = [
      "class_level names unknown hyperparameter 'x'", ""),
     ("decay-first-without-decay", edit(('decay = "eps"', f"decay_first = {MARK}true")),
      "decay_first without a decay", 'decay = "weight_decay"'),
+    # step conditions, bases, decay forms
+    ("modulo-outside-step-condition", direction(f"u * ({MARK}t % 2)"), "% outside a step condition", "t % k == 0"),
+    ("step-condition-reads-scale", direction(f"u if t % {MARK}eps == 0 else m"), "step condition reads 'eps'",
+     "width-free"),
+    ("step-condition-chained", direction(f"u if {MARK}1 < t < 3 else m"), "compares two expressions once", "t < k"),
+    ("step-condition-call", direction(f"u if {MARK}sqrt(t) < 3 else m"), "a step condition is arithmetic on t", ""),
+    ("eigbasis-not-square", direction(f"{MARK}eigbasis(G)"), "eigbasis() of a (fan_out x fan_in) value",
+     "symmetric matrix"),
+    ("rank-not-width-free", direction(f"G @ right_singular(G, {MARK}eps) @ right_singular(G, eps).T"),
+     "the rank must be a positive integer", "width-free"),
+    ("two-ranks", direction(f"G @ right_singular(G, 2) @ right_singular(G, {MARK}3).T"), "a second rank '3'",
+     "one rank per body"),
+    ("decay-form-unknown", edit(('decay = "eps"', f'decay = "eps"\ndecay_form = {MARK}"later"')),
+     "unknown decay_form 'later'", "after, proximal"),
+    ("decay-form-without-decay", edit(('decay = "eps"', f'decay_form = {MARK}"after"')),
+     "decay_form 'after' needs a decay", ""),
     # locations inside strings whose text is not verbatim in the file
     ("escaped-basic-string", edit(("compute = '''\nm = ema(m, G, momentum)\nu = m / (fro_norm(m) + eps)\n'''",
                                    f'compute = "{MARK}m = ema(m, G, momentum)\\nu = m + foo"')),

@@ -278,6 +278,27 @@ def test_derived_base_width_keeps_its_roles_and_hybrids_sweep_every_lr():
     assert model.hidden[0].bias.abs().max() == 0  # initialize_ ran on it (biases zeroed)
 
 
+def test_an_analysed_sweep_keeps_sp_init_and_takes_the_analysis_lrs():
+    """--parameterization sp --alignment full: the generated module of the analysis (hidden and readout lr ~ 1/n,
+    input and vectors ~ 1 for Adam), its own sweep identity, the standard init drawn at every width."""
+    sweep = Sweep(tiny("adam", parameterization="sp", alignment="full"))
+    assert sweep.config.label == "sp-full" and sweep.identity["parameterization"] == "sp-full"
+    assert sweep.sweep_id != Sweep(tiny("adam", parameterization="sp", alignment="none")).sweep_id
+    model = sweep.config.model.build(128)
+    opt = sweep.optimizer(model, 128, 1e-3)
+    lrs = {g["mup_role"]: g["lr"] for g in opt.param_groups}
+    assert lrs["hidden"] == pytest.approx(1e-3 * 32 / 128) and lrs["output"] == pytest.approx(1e-3 * 32 / 128)
+    assert lrs["input"] == pytest.approx(1e-3) and lrs["vector"] == pytest.approx(1e-3)
+    assert model.hidden[0].weight.std().item() == pytest.approx(128 ** -0.5, rel=0.05)
+    run = sweep.run(64, 1e-3, 0)
+    assert run.status == "ok" and run.parameterization == "sp-full"
+
+
+def test_alignment_without_an_analysed_parameterization_is_refused():
+    with pytest.raises(MupError, match="--alignment applies"):
+        Sweep(tiny(alignment="none"))
+
+
 # ---- the command line ----
 
 @pytest.mark.slow

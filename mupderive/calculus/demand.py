@@ -9,7 +9,7 @@ Demands flow backwards through linear operations and through variables (to a fix
 from __future__ import annotations
 
 from mupderive.language.check import SCALAR, Checker
-from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Transpose
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Transpose, When
 from mupderive.language.rule import Body
 
 PRIORITY = ("rms", "effect", "spec", "fro")  # entries first: an elementwise consumer sees every entry
@@ -17,7 +17,7 @@ _ELEMENTWISE = {"sqrt", "abs", "sign", "max", "min", "clip", "atan2", "rms", "me
 
 
 def sum_metrics(body: Body, checker: Checker) -> dict[int, str]:
-    """``id(node) -> metric`` for every ``+``/``-`` node of ``body`` (nodes must stay alive while used)."""
+    """``id(node) -> metric`` for every ``+``/``-`` and ``ema`` node of ``body`` (nodes must stay alive while used)."""
     var: dict[str, set[str]] = {}
     node_demand: dict[int, set[str]] = {}
 
@@ -26,7 +26,7 @@ def sum_metrics(body: Body, checker: Checker) -> dict[int, str]:
             var.setdefault(expr.id, set()).update(demand)
         elif isinstance(expr, Neg | Transpose):
             visit(expr.arg, demand)
-        elif isinstance(expr, Cond):
+        elif isinstance(expr, Cond | When):
             visit(expr.then, demand)
             visit(expr.orelse, demand)
         elif isinstance(expr, BinOp):
@@ -57,10 +57,11 @@ def sum_metrics(body: Body, checker: Checker) -> dict[int, str]:
 
     def call(expr: Call, demand: frozenset[str]) -> None:
         fn, args = expr.fn, expr.args
-        if fn == "ema":
+        if fn == "ema":  # beta * old + (1 - beta) * x: a sum
+            node_demand.setdefault(id(expr), set()).update(demand)
             visit(args[0], demand)
             visit(args[1], demand)
-        elif fn in ("matpow", "orthogonalize", "spectral_norm"):
+        elif fn in ("matpow", "orthogonalize", "spectral_norm", "eigbasis", "left_singular", "right_singular"):
             for arg in args:
                 visit(arg, frozenset({"spec"}))
         elif fn == "fro_norm":

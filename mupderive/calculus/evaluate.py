@@ -19,13 +19,16 @@ from functools import cached_property
 from mupderive.calculus.demand import sum_metrics
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame, Part, Value, scalar
-from mupderive.errors import CalculusError
+from mupderive.errors import CalculusError, RuleError
 from mupderive.language.check import PARAM_SHAPES, Checker
-from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, const_value
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, When, const_value
 from mupderive.language.printer import show_expr
 from mupderive.language.rule import Body, Hyper
 
 MAX_STEPS = 8  # steps simulated before states must have reached their steady scale
+
+
+LR_SYMBOL = "lr:"  # the learning-rate exponent, where a rule reads lr (solved for by the solver)
 
 
 def hyper_symbol(name: str) -> str:
@@ -101,6 +104,15 @@ class Comparison:
         """Names appearing in the operands outside any nested comparison."""
         return frozenset().union(*(_direct_names(x) for x in _operands(self.node)))
 
+    @cached_property
+    def direct_by_term(self) -> tuple[frozenset[str], ...] | None:
+        """Per term, the names its operand reads outside nested comparisons (None where the terms are not the
+        operands one to one: clip's bound, a damping's ``eps * eye``)."""
+        operands = _operands(self.node)
+        if len(operands) != len(self.sizes):
+            return None
+        return tuple(_direct_names(x) for x in operands)
+
 
 @dataclass
 class Outcome:
@@ -112,6 +124,7 @@ class Outcome:
     comparisons: list[Comparison]
     solved: dict[str, Exp]
     free: list[str] = field(default_factory=list)
+    assumed: tuple[str, ...] = ()  # what the calculus took for granted (e.g. the span a basis rotates)
 
 
 class Conflict(Exception):
@@ -140,16 +153,22 @@ class Evaluator:
     """One evaluation of a body for one layer; see the module docstring."""
 
     def __init__(self, path: str, body: Body, hypers: tuple[Hyper, ...], layer: Layer, signs: Signs,
-                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool) -> None:
+                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool, lr: Exp | None = None
+                 ) -> None:
         self.path, self.body, self.layer, self.signs = path, body, layer, signs
+        self.lr = Exp.sym(LR_SYMBOL) if lr is None else lr  # lr read in expressions: constant over steps
         self.hypers = {h.name: h for h in hypers}
         self.order = [h.name for h in hypers]
         self.pinned, self.flags, self.balance = pinned, flags, balance
-        self.frame = Frame({"o": layer.o, "i": layer.i}, signs)
+        self.param_frame = Frame({"o": layer.o, "i": layer.i, "r": ZERO}, signs)
+        # transpose_wide: a wider-than-tall matrix runs the body on its transpose (rows = the longer side)
+        self.transposed = body.transpose_wide and not layer.vector and signs.compare(layer.o, layer.i) < 0
+        self.frame = Frame({"o": layer.i, "i": layer.o, "r": ZERO}, signs) if self.transposed else self.param_frame
         self.checker, self.metrics = _analysis(path, body, hypers, "vector" if layer.vector else "matrix")
         self.solved: dict[str, Exp] = {}
         self.solved_by: dict[str, Comparison] = {}
         self.comparisons: list[Comparison] = []
+        self.assumed: dict[str, str] = {}  # basis primitive -> the assumption made, at its first use
 
     # -- the layer's inputs ----------------------------------------------------------------------------------
     def inputs(self) -> dict[str, Value]:
@@ -164,11 +183,13 @@ class Evaluator:
             "W": self.frame.merge(shape, weight),
             "H": Value(shape, (Part("dense", g_rms + g),)),
             "t": scalar(ZERO, True),
-            "fan_in": scalar(layer.i, True),
-            "fan_out": scalar(layer.o, True),
+            "fan_in": scalar(layer.o if self.transposed else layer.i, True),
+            "fan_out": scalar(layer.i if self.transposed else layer.o, True),
         }
         for name, hyper in self.hypers.items():
-            if hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
+            if hyper.role == "lr":
+                env[name] = scalar(self.lr, hyper.default >= 0)
+            elif hyper.role == "width-free" and not isinstance(hyper.default, bool | str):
                 env[name] = scalar(ZERO, hyper.default >= 0) if hyper.default != 0 else Value((), ())
             elif hyper.role == "scale" and name in self.pinned and self.pinned[name] is None:
                 env[name] = Value((), ())  # pinned absent: the hyperparameter is set to 0
@@ -188,18 +209,28 @@ class Evaluator:
             for stmt in self.body.compute:
                 env[stmt.target] = self.guard(stmt.value, env)
             direction = self.guard(self.body.direction, env)
+            if self.transposed:  # back to the parameter's orientation (norms and entries are unchanged)
+                direction = self.frame.transpose(Value(direction.shape[::-1], direction.parts))
             total = direction
             if self.body.decay is not None:
+                # after/proximal decay act on the updated weight: (W - lr U)(1 - lr d) = W(1 - lr d) - lr U (1 - lr d)
+                # and 1/(1 + lr d) likewise; lr d is width-independent at balance, so the factor on U is Theta(1)
+                # and the balance is that of decoupled decay
                 decay = self.guard(self.body.decay, env)
-                weight = self.frame.mul(decay, base["W"])
-                total = self.compare(self.body.decay_sum, "decay", "effect", [direction, weight])
+                body_frame, self.frame = self.frame, self.param_frame
+                try:
+                    weight = self.frame.mul(decay, base["W"])
+                    total = self.compare(self.body.decay_sum, "decay", "effect", [direction, weight])
+                finally:
+                    self.frame = body_frame
             new_states = {name: self.settle(env[name]) for name in states}
             snapshot = new_states
             if snapshot == previous:
                 free = sorted({s for v in env.values() for p in self.settle(v).parts for s in p.e.symbols})
                 values = {name: self.settle(value) for name, value in env.items()}
                 return Outcome(values, self.settle(direction), self.settle(total), self.comparisons,
-                               dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")])
+                               dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")],
+                               tuple(self.assumed.values()))
             previous, states = snapshot, new_states
         grown = [n for n in states if previous and previous.get(n) != states.get(n)]
         raise CalculusError(f"{self.path}: state {', '.join(grown) or '?'} has no steady width scale: it keeps "
@@ -218,9 +249,15 @@ class Evaluator:
         try:
             return self.expr(expr, env)
         except (CalculusError, Undecidable) as exc:
+            if isinstance(exc, Undecidable) and LR_SYMBOL in exc.diff.symbols:
+                raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: which term "
+                                    f"is larger depends on the learning rate's own width exponent (lr is read "
+                                    f"here; mupderive solves for that exponent, assuming a constant lr), so this "
+                                    f"comparison cannot be closed before the learning rate is known") from None
             if isinstance(exc, Undecidable) and self.signs.assumptions:
                 raise  # symbolic fans: the caller splits cases
-            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {exc}") from None
+            what = _undecided(exc) if isinstance(exc, Undecidable) else str(exc)
+            raise CalculusError(f"{self.path}:{expr.loc.line}:{expr.loc.col}: in {show_expr(expr)}: {what}") from None
 
     # -- expressions -----------------------------------------------------------------------------------------
     def expr(self, node: Expr, env: dict[str, Value]) -> Value:
@@ -236,6 +273,8 @@ class Evaluator:
         if isinstance(node, Cond):
             chosen = node.then if self.flags[node.flag] else node.orelse
             return self.expr(chosen, env)
+        if isinstance(node, When):  # steady scale: the larger of the two branches, whichever steps take which
+            return f.add(self.expr(node.then, env), self.expr(node.orelse, env))
         if isinstance(node, BinOp):
             return self.binop(node, env)
         assert isinstance(node, Call)
@@ -263,6 +302,11 @@ class Evaluator:
             if a.shape or a.is_zero or f.metric(base, "rms") != ZERO:
                 raise CalculusError("a non-constant power needs a width-independent scalar base (like beta ** t)")
             return scalar(ZERO, True)
+        if exponent.denominator != 1 and a.shape and not a.nonneg:  # torch.pow gives NaN at negative entries
+            raise RuleError(self.path, node.loc.line, node.loc.col,
+                            f"{show_expr(node)}: a fractional power of a quantity that can be negative",
+                            f"abs({show_expr(node.left)}) ** {show_expr(node.right)}, or sqrt() of a quantity "
+                            f"known to be nonnegative such as a variance")
         parity = "pos" if exponent.denominator != 1 else ("even" if exponent.numerator % 2 == 0 else "odd")
         return f.power(a, exponent, parity)
 
@@ -292,16 +336,27 @@ class Evaluator:
             ratio = f.mul(args[0], f.power(args[1], Fraction(-1), "odd"))
             self.record(node, "atan2", "rms", args, texts)
             return f.clip(ratio, scalar(ZERO, True))
-        if fn == "ema":
+        if fn == "ema":  # beta * old + (1 - beta) * x with beta width-free: balanced as that sum is
             if f.metric(self.settle(args[2]), "rms") not in (ZERO, None):
                 raise CalculusError("ema's beta must be width-independent")
-            return f.add(args[0], args[1])
+            return self.compare(node, "sum", self.metrics.get(id(node), "rms"), args[:2], texts[:2])
         if fn == "matpow":
             a = args[0]
             if len(args) == 3:
                 a = self.compare(node, "damping", "spec", [a, f.mul(args[2], Value(a.shape, (Part("eye", ZERO),)))],
                                  [texts[0], f"{texts[2]} * eye"])
             return f.matpow(self.settle(a), const_value(node.args[1]))
+        if fn in ("eigbasis", "left_singular", "right_singular"):
+            self.assumed.setdefault(fn, f"{self.path}:{node.loc.line}:{node.loc.col}: "
+                                    f"{show_expr(node)} is taken to span the gradients it rotates (its leading "
+                                    f"vectors hold the batch span, as when every batch comes from one span like the "
+                                    f"oracle's synthetic layer); a gradient component outside them would spread over "
+                                    f"the other basis vectors and be normalised Adam-like there")
+        if fn == "eigbasis":
+            return f.basis(self.settle(args[0]), args[0].shape)
+        if fn in ("left_singular", "right_singular"):
+            side = args[0].shape[0] if fn == "left_singular" else args[0].shape[1]
+            return f.basis(self.settle(args[0]), (side, "r"))
         if fn == "orthogonalize":
             return f.orthogonalize(args[0])
         if fn in ("fro_norm", "spectral_norm", "rms", "mean"):
@@ -327,6 +382,8 @@ class Evaluator:
                 ) -> Value:
         """Combine ``values`` (a sum, max, min or clip), first balancing them if hyperparameters set them apart."""
         f = self.frame
+        if metric == "rms" and any(p.local for v in values for p in v.parts):
+            metric = "entry"  # a quantity in a basis' coordinates: compare its nonzero entries
         live = [v for v in values if not v.is_zero]
         if len(live) >= 2 and self.balance:
             self.balance_terms(node, op, metric, values, texts)
@@ -388,13 +445,24 @@ class Evaluator:
                                                        for t in comparison.terms))
 
 
-_NESTED = {"max", "min", "clip", "atan2", "matpow"}
+def _undecided(exc: Undecidable) -> str:
+    """An open order in user terms: which hyperparameters' width exponents ``e(name)`` it depends on."""
+    unknown = sorted(s.split(":", 1)[1] for s in exc.diff.symbols if s.startswith("hyper:"))
+    if not unknown:
+        return str(exc)
+    return (f"which term is larger depends on the width exponent e({'), e('.join(unknown)}) of {', '.join(unknown)} "
+            f"(the sign of {exc.diff} is open) and no sum or comparison fixes it before this point")
+
+
+_NESTED = {"max", "min", "clip", "atan2", "matpow", "ema"}
 
 
 def _operands(node: Expr) -> tuple[Expr, ...]:
     """The compared operands of a comparison node (a sum's two sides, a call's arguments)."""
     if isinstance(node, BinOp):
         return (node.left, node.right)
+    if isinstance(node, Call) and node.fn == "ema":
+        return node.args[:2]  # beta is a width-free weight, not a compared term
     return node.children()
 
 

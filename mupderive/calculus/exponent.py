@@ -136,8 +136,8 @@ class Exp:
         for name in sorted(self.coef):
             v = self.coef[name]
             head = "-" if v < 0 else "+"
-            mag = abs(v)
-            pieces.append(f"{head} {name}" if mag == 1 else f"{head} {mag}*{name}")
+            mag, shown = abs(v), show_symbol(name)
+            pieces.append(f"{head} {shown}" if mag == 1 else f"{head} {mag}*{shown}")
         if self.const or not pieces:
             c = self.const
             pieces.append(f"{'-' if c < 0 else '+'} {abs(c)}")
@@ -145,6 +145,12 @@ class Exp:
         return text[2:] if text.startswith("+ ") else "-" + text[2:]
 
     __repr__ = __str__
+
+
+def show_symbol(name: str) -> str:
+    """A symbol as users read it: ``kind:name`` (the unknown width exponent of hyperparameter ``name``) is ``e(name)``;
+    fan and multiplier exponents (``o``, ``i``, ``m``, ...) are shown as they are."""
+    return f"e({name.split(':', 1)[1]})" if ":" in name else name
 
 
 def _lift(value: Exp | Rational) -> Exp:

@@ -10,7 +10,15 @@ A value is a sum of *parts*, each with a structure and one exponent:
 - ``eye``    a multiple of the identity; exponent = eigenvalue;
 - ``perp``   a multiple of the identity on the complement of the batch span (what ``(L + eps I)^-p`` leaves
   outside the range of ``L``); it annihilates batch-aligned vectors;
-- ``scalar`` a scalar; exponent = magnitude.
+- ``scalar`` a scalar; exponent = magnitude;
+- ``basis``  an orthonormal basis (eigen- or singular vectors of a matrix built from the batch and the identity, as
+  columns); exponent 0. Its ``local`` axis is the one indexing basis vectors.
+
+A matrix part may be *local* on some axes: written in the coordinates of such a basis (``Q_L^T G Q_R``), where a
+batch-aligned quantity occupies the O(1) leading coordinates instead of being spread over the whole axis. Norms are
+those of the part (a rotation preserves them); its nonzero entries are ``|X|_F`` spread over the nonlocal axes only,
+and elementwise functions act on them there and leave the rest of the matrix zero (``entry`` metric). Rotating back
+(``Q_L X Q_R^T``) makes it batch-aligned again.
 
 Vectors are ``(p x 1)`` matrices. An empty part list is exactly zero. Elementwise functions of a sum are linearised
 around the dominant part (``phi(a + b) ~ phi(a) + phi'(a) b``), so subdominant structure survives where it should.
@@ -45,6 +53,8 @@ class Part:
     zeros: bool = False  # nonnegative dense: a magnitude of noise, with mass near zero ...
     floor: Exp | None = None  # ... down to this entry scale (None: no floor known)
     mean_log: Fraction = Fraction(0)  # nonnegative dense: its mean exceeds its rms scale by (log n)^mean_log
+    local: frozenset[int] = frozenset()  # axes written in a basis' coordinates (see the module docstring)
+    off: bool = False  # a spread part that lives off the local parts' coordinates only (phi of a local sum)
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,10 @@ class Frame:
         kind = part.kind
         if kind == "scalar":
             return part.e
+        if kind == "basis":
+            raise CalculusError("a basis from eigbasis()/left_singular()/right_singular() enters only through @")
+        if metric == "entry":
+            return self.entry(part, shape)
         if kind == "outer":
             return part.e - self.halves(shape)[0] if metric == "rms" else part.e
         half_sum, half_max, half_p = self.halves(shape)
@@ -115,6 +129,16 @@ class Frame:
         if metric == "rms":
             return part.e - half_p
         return part.e + half_p if metric == "fro" else part.e
+
+    def entry(self, part: Part, shape: Shape) -> Exp:
+        """Exponent of a part's typical nonzero entry: its rms, except where it is local (an outer part written in a
+        basis has ``|X|_F`` spread over its nonlocal axes only) and for eye/perp (the eigenvalue on the diagonal)."""
+        if part.kind == "outer":
+            dims = [d for axis, d in enumerate(self.pq(shape)[:len(shape)]) if axis not in part.local]
+            return part.e - sum(dims, ZERO) * HALF
+        if part.kind in ("eye", "perp"):
+            return part.e
+        return part.e
 
     def metric(self, value: Value, metric: str) -> Exp | None:
         """Exponent of ``metric`` of a value (the largest over its parts); None for zero."""
@@ -145,10 +169,11 @@ class Frame:
     # -- building blocks ---------------------------------------------------------------------------------------
     def merge(self, shape: Shape, parts: list[Part]) -> Value:
         """Combine parts of equal kind (a sum of same-structure parts scales as the largest)."""
-        merged: dict[str, Part] = {}
+        merged: dict[tuple[str, tuple[int, ...]], Part] = {}
         for part in parts:
-            old = merged.get(part.kind)
-            merged[part.kind] = part if old is None else self._merge_two(old, part)
+            key = (part.kind, tuple(sorted(part.local)), part.off)
+            old = merged.get(key)
+            merged[key] = part if old is None else self._merge_two(old, part)
         return Value(shape, tuple(merged[k] for k in sorted(merged)))
 
     def _merge_two(self, a: Part, b: Part) -> Part:
@@ -162,7 +187,7 @@ class Frame:
         floor = self._largest(floors) if zeros else None
         zeros = zeros and not (floors and floor is None)  # an open order: forget the mass near zero
         return Part(a.kind, top.e, a.nonneg and b.nonneg, a.hypers | b.hypers, log, zeros, floor,
-                    max(a.mean_log, b.mean_log) if order == 0 else top.mean_log)
+                    max(a.mean_log, b.mean_log) if order == 0 else top.mean_log, a.local, a.off)
 
     def broadcast(self, value: Value, shape: Shape) -> Value:
         """A scalar spread over ``shape``: the constant matrix ``c 1 1^T`` (rank one, like an outer part)."""
@@ -200,6 +225,9 @@ class Frame:
         for part in value.parts:
             if part.kind in ("eye", "perp"):
                 raise CalculusError(f"{what} of an identity-like matrix cannot be bounded elementwise")
+            if part.kind == "basis":
+                raise CalculusError(f"{what} of a basis (eigbasis/left_singular/right_singular): bases enter only "
+                                    f"through @")
 
     def mul(self, a: Value, b: Value) -> Value:
         """Elementwise product."""
@@ -218,7 +246,10 @@ class Frame:
                 rms = self.part_metric(x, shape, "rms") + self.part_metric(y, shape, "rms")
                 nonneg, hypers, log = x.nonneg and y.nonneg, x.hypers | y.hypers, x.log + y.log
                 kinds = {x.kind, y.kind}
-                if kinds == {"outer"}:
+                if x.local or y.local:
+                    if not (x.off or y.off):  # a part off the local coordinates meets a local one nowhere
+                        parts.append(self._local_product(x, y, shape, nonneg, hypers, log))
+                elif kinds == {"outer"}:
                     parts.append(self.from_rms("outer", rms, shape, nonneg, hypers, log))
                 elif kinds == {"outer", "dense"} and (dense := y if x.kind == "outer" else x).nonneg:
                     # outer * (positive dense) = outer * mean + outer * fluctuation
@@ -227,6 +258,23 @@ class Frame:
                 else:
                     parts.append(Part("dense", rms, nonneg, hypers, log))
         return self.merge(shape, parts)
+
+    def _local_product(self, x: Part, y: Part, shape: Shape, nonneg: bool, hypers: frozenset[str],
+                       log: Fraction) -> Part:
+        """Elementwise product with a local part: it lives on the local part's O(1) leading coordinates, where the
+        other factor's entries are its typical entries (both local: the same coordinates, entries multiply)."""
+        if x.local and y.local and x.local != y.local:
+            raise CalculusError("an elementwise product of quantities written in different bases")
+        local = x if x.local else y
+        other = y if local is x else x
+        entry = self.entry(local, shape) + self.part_metric(other, shape, "entry")
+        return self._from_entry(entry, local.local, shape, nonneg, hypers, log)
+
+    def _from_entry(self, entry: Exp, local: frozenset[int], shape: Shape, nonneg: bool, hypers: frozenset[str],
+                    log: Fraction) -> Part:
+        """The local outer part whose nonzero entries are ``n^entry``."""
+        dims = [d for axis, d in enumerate(self.pq(shape)[:len(shape)]) if axis not in local]
+        return Part("outer", entry + sum(dims, ZERO) * HALF, nonneg, hypers, log, local=local)
 
     def power(self, a: Value, degree: Fraction, parity: str) -> Value:
         """An elementwise function homogeneous of ``degree``; parity ``odd``, ``even`` or ``pos`` (of a magnitude)."""
@@ -240,6 +288,9 @@ class Frame:
             return scalar(part.e * degree, parity != "odd" or part.nonneg, part.hypers, part.log * log_degree)
         self._elementwise_parts(a, "an elementwise function")
         shape = a.shape
+        local = [p for p in a.parts if p.local]
+        if local:
+            return self._local_power(a, local, degree, parity)
         rms = {id(p): self.part_metric(p, shape, "rms") for p in a.parts}
         top = self.signs.max(*rms.values())
         on_top = {id(p): self.signs.compare(rms[id(p)], top) == 0 for p in a.parts}
@@ -256,6 +307,25 @@ class Frame:
                 others = [rms[id(q)] for q in a.parts if q is not p]
                 part = self._near_zero(part, p, on_top[id(p)], others, degree)
             parts.append(part)
+        return self.merge(shape, parts)
+
+    def _local_power(self, a: Value, local: list[Part], degree: Fraction, parity: str) -> Value:
+        """``phi`` of a value with local parts, on two supports: the local parts' leading coordinates, where the
+        largest entry there (theirs or the spread parts') is linearised around, and the rest of the matrix, where
+        only the spread parts are (and are mapped as usual)."""
+        shape = a.shape
+        if len({p.local for p in local}) > 1:
+            raise CalculusError("an elementwise function of a sum of quantities written in different bases")
+        spread = Value(shape, tuple(p for p in a.parts if not p.local))
+        entries = [self.entry(p, shape) for p in a.parts]
+        top = self.signs.max(*entries)
+        nonneg = parity != "odd" or a.nonneg
+        axes = local[0].local  # on those coordinates every part contributes phi'(top) part (phi(top) for the top)
+        parts = [self._from_entry(self.entry(p, shape) + top * (degree - 1), axes, shape, nonneg, p.hypers,
+                                  p.log * Fraction(int(degree.numerator), int(degree.denominator)))
+                 for p in a.parts if not p.off]
+        if spread.parts:  # on the local coordinates the local parts above stand for phi of the whole sum
+            parts.extend(replace(p, off=True) for p in self.power(spread, degree, parity).parts)
         return self.merge(shape, parts)
 
     def _near_zero(self, new: Part, old: Part, top: bool, others: list[Exp], degree: Fraction) -> Part:
@@ -287,8 +357,8 @@ class Frame:
         if a.is_zero or b.is_zero:
             return (not a.is_zero) - (not b.is_zero)
         shape = a.shape or b.shape
-        return self.signs.compare(self.metric(self.broadcast(a, shape), "rms"),
-                                  self.metric(self.broadcast(b, shape), "rms"))
+        return self.signs.compare(self.metric(self.broadcast(a, shape), "entry"),
+                                  self.metric(self.broadcast(b, shape), "entry"))
 
     def maximum(self, a: Value, b: Value) -> Value:
         """Elementwise max: the larger magnitude wins; equal orders mix; a nonnegative operand makes it nonnegative."""
@@ -319,7 +389,9 @@ class Frame:
 
     # -- linear algebra ----------------------------------------------------------------------------------------
     def transpose(self, a: Value) -> Value:
-        return Value(a.shape[::-1], a.parts)
+        if len(a.shape) < 2:
+            return Value(a.shape[::-1], a.parts)
+        return Value(a.shape[::-1], tuple(replace(p, local=frozenset(1 - x for x in p.local)) for p in a.parts))
 
     def matmul(self, a: Value, b: Value, shape: Shape) -> Value:
         parts = []
@@ -332,6 +404,8 @@ class Frame:
 
     def _matmul_part(self, x: Part, y: Part, xs: Shape, ys: Shape) -> Part | None:
         hypers, log = x.hypers | y.hypers, x.log + y.log
+        if "basis" in (x.kind, y.kind) or x.local or y.local:
+            return self._rotate(x, y, len(xs), len(ys))
         if x.kind == "eye":
             return Part(y.kind, y.e + x.e, False, hypers, log)
         if y.kind == "eye":
@@ -348,9 +422,50 @@ class Frame:
             return Part("dense", dense.e + other.e, False, hypers, log)
         raise CalculusError(f"cannot bound a matrix product of a {x.kind} and a {y.kind} (weight-like) matrix")
 
+    def _rotate(self, x: Part, y: Part, xdim: int, ydim: int) -> Part:
+        """A product with a basis ``Q`` (its local axis indexes the basis vectors). ``Q^T X`` and ``X Q`` write a
+        side of ``X`` in the basis: a batch-aligned (outer) ``X`` becomes local there, dense noise stays dense (a
+        rotation of iid noise is iid noise); ``Q Y`` and ``Y Q^T`` rotate a local side back, where ``Y`` is
+        batch-aligned again. Norms are preserved either way (the basis is orthonormal)."""
+        hypers, log = x.hypers | y.hypers, x.log + y.log
+        if (x.kind == "basis") == (y.kind == "basis"):
+            raise CalculusError("a product of two bases, or of a rotated quantity with an unrotated one: rotate one "
+                                "quantity at a time, Q.T @ X @ Q, and back, Q @ Y @ Q.T")
+        if x.kind == "basis":
+            other, touched, into = y, 0, 0 in x.local  # Q^T @ Y rotates Y's rows in; Q @ Y rotates them back
+            kept = {1} & other.local if ydim == 2 else set()
+            out_axis = 0
+        else:
+            other, touched, into = x, xdim - 1, 1 in y.local  # X @ Q rotates X's columns in; X @ Q^T back
+            kept = {0} & other.local if xdim == 2 else set()
+            out_axis = xdim - 1
+        if other.kind not in ("outer", "dense"):
+            raise CalculusError(f"a basis applied to a {other.kind} matrix: rotate batch-built or dense quantities")
+        if other.kind == "dense":
+            return Part("dense", other.e, False, hypers, log)
+        if into and touched in other.local:
+            raise CalculusError("rotating a side that is already written in a basis")
+        if not into and touched not in other.local:
+            raise CalculusError("a basis applied to a side that is not in its coordinates (Q.T @ X rotates into "
+                                "the basis, Q @ Y back)")
+        return Part("outer", other.e, False, hypers, log, local=frozenset(kept | ({out_axis} if into else set())))
+
+    def basis(self, a: Value, shape: Shape) -> Value:
+        """Eigenvectors of a symmetric ``A`` or singular vectors of ``X`` as the columns of ``shape``: for a matrix
+        built from the batch and the identity, the leading ones span the batch span and the rest complete it."""
+        if a.is_zero:
+            raise CalculusError("the eigen/singular basis of an exactly-zero matrix is arbitrary")
+        for part in a.parts:
+            if part.kind not in ("outer", "eye", "perp") or part.local:
+                raise CalculusError(f"the basis of a matrix with a {part.kind if not part.local else 'rotated'} "
+                                    f"part: its vectors are not aligned with the batch")
+        return Value(shape, (Part("basis", ZERO, local=frozenset({1})),))
+
     def matpow(self, a: Value, p: Fraction) -> Value:
         """``A^p`` for symmetric PSD ``A``: acts on the spectrum inside and outside the batch span separately."""
         kinds = {part.kind for part in a.parts}
+        if any(part.local for part in a.parts):
+            raise CalculusError("matpow() of a matrix written in a basis' coordinates: rotate it back first")
         if "dense" in kinds or "scalar" in kinds:
             raise CalculusError("matpow() of a matrix that is not built from the batch and the identity")
         hypers = a.hypers
@@ -374,8 +489,8 @@ class Frame:
         p, q = self.pq(a.shape)
         parts = []
         for part in a.parts:
-            if part.kind == "outer":
-                parts.append(Part("outer", ZERO, False, part.hypers))
+            if part.kind == "outer":  # the polar factor commutes with rotations: a local part stays local
+                parts.append(Part("outer", ZERO, False, part.hypers, local=part.local))
             elif part.kind == "dense":
                 parts.append(Part("dense", -self.signs.max(p, q) * HALF, False, part.hypers))
             else:
@@ -397,6 +512,8 @@ class Frame:
         """row_mean (axis 1, over fan_in) or col_mean (axis 0, over fan_out) of a nonnegative matrix."""
         if not a.nonneg:
             raise CalculusError("row/col mean of a quantity that can be negative: its size depends on the data")
+        if any(part.local for part in a.parts):
+            raise CalculusError("row/col mean of a matrix written in a basis' coordinates")
         shape = (a.shape[0],) if axis == 1 else (a.shape[1],)
         parts = []
         for part in a.parts:
@@ -407,6 +524,8 @@ class Frame:
 
     def outer(self, u: Value, v: Value) -> Value:
         shape = u.shape + v.shape
+        if any(part.local for part in u.parts + v.parts):
+            raise CalculusError("outer() of vectors written in a basis' coordinates")
         parts = []
         for x in u.parts:
             for y in v.parts:
@@ -425,6 +544,9 @@ def describe(frame: Frame, value: Value, v: str = "n") -> str:
         return "0"
     if not value.shape:
         return f"scalar {v}^{frame.metric(value, 'rms')}"
-    names = {"outer": "low-rank/aligned", "dense": "dense", "eye": "identity", "perp": "identity off the batch span"}
-    kinds = "+".join(names[p.kind] for p in value.parts)
+    names = {"outer": "low-rank/aligned", "dense": "dense", "eye": "identity", "perp": "identity off the batch span",
+             "basis": "orthonormal basis"}
+    kinds = "+".join(names[p.kind] + (" (in a basis)" if p.local else "") for p in value.parts)
+    if any(p.kind == "basis" for p in value.parts):
+        return kinds
     return f"{kinds}: rms {v}^{frame.metric(value, 'rms')}, spectral {v}^{frame.metric(value, 'spec')}"

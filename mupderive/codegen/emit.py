@@ -26,7 +26,20 @@ from fractions import Fraction
 from mupderive.codegen import safe
 from mupderive.codegen.lines import WIDTH, fit
 from mupderive.errors import MupError
-from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose, const_value, names
+from mupderive.language.ir import (
+    COMPARISONS,
+    BinOp,
+    Call,
+    Cond,
+    Expr,
+    Name,
+    Neg,
+    Num,
+    Transpose,
+    When,
+    const_value,
+    names,
+)
 from mupderive.language.rule import Body, Rule
 
 # Tensor-only primitives, per tensor: {0}, {1}, ... are the arguments.
@@ -47,6 +60,9 @@ TENSOR_CALLS = {
     "orthogonalize": "_orthogonalize({0})",
     "matpow": "_matpow({0}, {1}, {2})",
     "trust_ratio": "_trust_ratio({0}, {1})",
+    "eigbasis": "torch.flip(torch.linalg.eigh({0})[1], dims=[1])",
+    "left_singular": "_singular_basis({0}, {1}, True)",
+    "right_singular": "_singular_basis({0}, {1}, False)",
 }
 _REDUCTIONS = ("fro_norm", "rms", "spectral_norm", "mean", "row_mean", "col_mean")
 # Primitives on Python numbers.
@@ -75,6 +91,10 @@ HELPERS = {
 def _trust_ratios(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
     """_trust_ratio of each pair, computed once on the stacked scalars."""
     return list(_trust_ratio(torch.stack(a), torch.stack(b)).unbind())''',
+    "left_singular": '''def _singular_basis(x: torch.Tensor, k: int, left: bool) -> torch.Tensor:
+    """The k leading left (U[:, :k]) or right (V[:, :k]) singular vectors of x as columns."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u[:, :int(k)] if left else vh[:int(k)].T''',
     "matpow": '''def _matpow(a: torch.Tensor, p: float, damping: float) -> torch.Tensor:
     """(a + damping I)^p of a symmetric PSD matrix, from its eigendecomposition."""
     evals, evecs = torch.linalg.eigh(a + damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
@@ -294,7 +314,7 @@ class Emitter:
     def call_tensor(self, fn: str, args: list[Val], scale: str | None = None) -> Val:
         """A tensor-only primitive of materialized arguments (a transpose is a view of its argument)."""
         args = [self.materialized(a) if a.kind == "t" else a for a in args]
-        self.helpers |= {fn} & HELPERS.keys()
+        self.helpers |= {"left_singular" if fn == "right_singular" else fn} & HELPERS.keys()
         shape = _result_shape(fn, [a.shape for a in args])
         if fn == "fro_norm" and self.foreach:
             return self.new(f"torch._foreach_norm({args[0].code})", shape, scale)
@@ -332,7 +352,9 @@ class Emitter:
             v = self.need_tensor(self.expr(e.arg), "a transpose")
             return self.call_tensor("transpose", [replace(v, scale=None)], v.scale)
         if isinstance(e, Cond):
-            return self.cond(e)
+            return self.cond(self.env[e.flag].code, e.then, e.orelse)
+        if isinstance(e, When):
+            return self.cond(self.step_test(e), e.then, e.orelse)
         raise MupError(f"rule {self.rule.name!r}: cannot compile {e!r}")
 
     def name(self, name: str) -> Val:
@@ -416,7 +438,9 @@ class Emitter:
     def call(self, e: Call) -> Val:
         fn, args = e.fn, [self.expr(a) for a in e.args]
         if fn in SCALAR_CALLS and all(a.kind != "t" for a in args):
-            return self.scalar(SCALAR_CALLS[fn], ADD if fn == "ema" else ATOM, args)
+            template = SCALAR_CALLS[fn]
+            call = re.fullmatch(r"[\w.]+\((\{\d\}(, )?)+\)", template)  # bare call arguments need no parentheses
+            return self.scalar(template, ADD if fn == "ema" else ATOM, args, (COND,) * len(args) if call else ())
         if fn in ("sqrt", "abs", "sign"):
             return self.unary(fn, self.need_tensor(args[0], fn))
         if fn in ("max", "min"):
@@ -437,8 +461,12 @@ class Emitter:
                 raise MupError(f"rule {self.rule.name!r}: matpow() needs a scalar power and damping")
             damping = args[2] if len(args) == 3 else Val("py", "0.0")
             return self.call_tensor(fn, [self.need_tensor(args[0], fn), args[1], damping])
-        if fn in ("eye", "zeros", "orthogonalize", "atan2", "trust_ratio"):
+        if fn in ("eye", "zeros", "orthogonalize", "atan2", "trust_ratio", "eigbasis"):
             return self.call_tensor(fn, [self.need_tensor(x, fn) for x in args])
+        if fn in ("left_singular", "right_singular"):
+            if args[1].kind != "py":
+                raise MupError(f"rule {self.rule.name!r}: {fn}() needs a number for the rank")
+            return self.call_tensor(fn, [self.need_tensor(args[0], fn), args[1]])
         raise MupError(f"rule {self.rule.name!r}: {fn}() is not supported on these arguments")
 
     def extremum(self, fn: str, a: Val, b: Val) -> Val:
@@ -468,21 +496,29 @@ class Emitter:
             return old
         return self.new(self.kernel("lerp", old.code, x.code, weight.code), shape)
 
-    def cond(self, e: Cond) -> Val:
+    def step_test(self, e: When) -> str:
+        """The Python test of a step condition: numbers and names of t and hyperparameters, a whitelisted op."""
+        if e.op not in COMPARISONS:
+            raise MupError(f"rule {self.rule.name!r}: unknown comparison {e.op!r}")
+        left, right = self.expr(e.left), self.expr(e.right)
+        if left.kind != "py" or right.kind != "py":
+            raise MupError(f"rule {self.rule.name!r}: a step condition must be a number (t and hyperparameters)")
+        return f"({paren(left, ADD)} {e.op} {paren(right, ADD)})"
+
+    def cond(self, flag: str, then_expr: Expr, orelse_expr: Expr) -> Val:
         """``a if flag else b``: inline for numbers, an if/else block for tensors (both branches fresh or views)."""
-        flag = self.env[e.flag].code
-        if self.kind(e.then) == self.kind(e.orelse) == "py":
+        if self.kind(then_expr) == self.kind(orelse_expr) == "py":
             hoist, self.hoist = self.hoist, False
-            then, orelse = self.expr(e.then), self.expr(e.orelse)
+            then, orelse = self.expr(then_expr), self.expr(orelse_expr)
             self.hoist = hoist
             return Val("py", f"{paren(then, COND + 1)} if {flag} else {paren(orelse, COND)}", COND)
-        if self.kind(e.then) != "t" or self.kind(e.orelse) != "t":
-            raise MupError(f"rule {self.rule.name!r}: the branches of '... if {e.flag} else ...' must both be "
-                           f"tensors or both numbers")
+        if self.kind(then_expr) != "t" or self.kind(orelse_expr) != "t":
+            raise MupError(f"rule {self.rule.name!r}: the branches of a conditional must both be tensors or both "
+                           f"numbers")
         self.count += 1
         name = f"_c{self.count}"
         start, branches = len(self.lines), []
-        for header, branch in ((f"if {flag}:", e.then), ("else:", e.orelse)):
+        for header, branch in ((f"if {flag}:", then_expr), ("else:", orelse_expr)):
             with self.block(header):
                 v = self.materialized(self.expr(branch))
                 self.emit(f"{name} = {v.code}")
@@ -505,6 +541,9 @@ class Emitter:
             return self.env[e.id].shape
         if isinstance(e, Neg):
             return self.shape(e.arg)
+        if isinstance(e, When):
+            then, orelse = self.shape(e.then), self.shape(e.orelse)
+            return then if then == orelse else None
         shapes = [self.shape(c) for c in e.children()]
         if None in shapes:
             return None
@@ -535,7 +574,7 @@ class Emitter:
             return self.env[e.id].kind
         if isinstance(e, Transpose) or isinstance(e, Call) and e.fn in TENSOR_CALLS:
             return "t"
-        if isinstance(e, Cond):
+        if isinstance(e, Cond | When):
             return self.kind(e.then)
         kinds = {self.kind(c) for c in e.children()}
         return "t" if "t" in kinds else "pl" if "pl" in kinds else "py"
@@ -669,6 +708,15 @@ class Emitter:
         if decay is None:
             return values
         return tuple(self.owned(v) if self.param in v.bufs else v for v in values)
+
+    def decay_updated(self, lr: Val, decay: Val, form: str) -> None:
+        """Decay of the updated weight: ``W <- W (1 - lr decay)`` (after) or ``W / (1 + lr decay)`` (proximal)."""
+        rate = self.temp(self.py_op("*", lr, decay).code, "_decay")
+        with self.block(f"if {rate}:"):
+            if form == "after":
+                self.kernel_("mul", self.param, f"1 - {rate}")
+            else:
+                self.kernel_("div", self.param, f"1 + {rate}")
 
     def decay(self, lr: Val, decay: Val | None) -> None:
         """``W <- W (1 - lr decay)``, skipped when ``lr * decay`` is 0."""

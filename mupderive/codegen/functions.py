@@ -92,6 +92,13 @@ def _step_function(rule: Rule, body: Body, layout: str, prefix: str, shapes: dic
     decay = None if body.decay is None else em.expr(body.decay)
     if decay is not None and decay.kind != "py":
         raise MupError(f"rule {rule.name!r}: the decay must be a number (hyperparameters and t only)")
+    if body.transpose_wide:  # the body's rows are the longer side: run a wider matrix on its transpose (views)
+        if em.foreach:
+            em.emit("grads = [g.T if g.ndim == 2 and g.shape[0] < g.shape[1] else g for g in grads]")
+            em.emit("params = [p.T if p.ndim == 2 and p.shape[0] < p.shape[1] else p for p in params]")
+        else:
+            with em.block("if param.ndim == 2 and param.shape[0] < param.shape[1]:"):
+                em.emit("param, grad = param.T, grad.T")
     _initialize(em, prefix, body.skip_first)
     if body.decay_first:
         em.decay(lr, decay)
@@ -111,9 +118,13 @@ def _step_function(rule: Rule, body: Body, layout: str, prefix: str, shapes: dic
         else:
             em.assign_local(target, value)
     em.dying = _last_reads(body.direction, local)
-    decayed = " (1 - lr decay)" if decay is not None and not body.decay_first else ""
+    after = decay is not None and body.decay_form != "decoupled"
+    decayed = " (1 - lr decay)" if decay is not None and not body.decay_first and not after else ""
     em.comment(f"W <- W{decayed} - lr ({show_expr(body.direction)})")
-    em.update(lr, body.direction, None if body.decay_first else decay)
+    em.update(lr, body.direction, None if body.decay_first or after else decay)
+    if after:
+        em.comment("W <- W (1 - lr decay)" if body.decay_form == "after" else "W <- W / (1 + lr decay)")
+        em.decay_updated(lr, decay, body.decay_form)
     for name in em.rebound:
         if em.foreach:
             with em.block(f"for state, value in zip(states, {name}, strict=True):"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from fractions import Fraction
@@ -35,6 +36,8 @@ from mupderive.codegen.parts import (
 from mupderive.commands import _derivation, _options
 from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
+from mupderive.language.load import load_rule
+from mupderive.parameterized import ParameterizedDerivation, analysed
 
 
 def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[str, bool] | None = None) -> str:
@@ -66,6 +69,7 @@ def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[
         "sha": sha256(derivation.rule.digest),
         "convention": convention_name(derivation.convention),
         "fixes_literal": _fixes_literal(derivation),
+        **_parameterization_literals(derivation),
         "exponents": _exponent_lines(derivation, parts),
         "rule_of_role": _rule_of_role(parts),
         "grad_norm": _grad_norm_literal(derivation),
@@ -140,6 +144,15 @@ def _depth_context(derivation: Derivation, parts: list[Part]) -> dict[str, objec
             "grad_norm": grad}
 
 
+def _parameterization_literals(derivation: Derivation) -> dict[str, str]:
+    """PARAMETERIZATION and ALIGNMENT: "derived" and None, or the analysis's names (sp, ntk, mup, mfp or table)."""
+    analysis = getattr(derivation, "analysis", None)
+    if analysis is None:
+        return {"parameterization": '"derived"', "alignment": "None"}
+    return {"parameterization": safe.literal(safe.text(analysis.parameterization)),
+            "alignment": safe.literal(safe.text(analysis.alignment))}
+
+
 def _grad_norm_literal(derivation: Derivation) -> str:
     """{role: exponent of the role's gradient Frobenius norm}, the tied row's too."""
     rows = {role: layer.grad_norm for role, layer in derivation.layers.items()}
@@ -175,20 +188,48 @@ def command(args: argparse.Namespace) -> int:
         raise MupError(f"-o {args.output}: the output must be a .py file")
     if not output.parent.is_dir():
         raise MupError(f"-o {args.output}: directory {output.parent} does not exist")
-    derivation = _derivation(argparse.Namespace(**vars(args), depth=True), [])  # depth always (default K = 2)
+    derivation = analysed_derivation(args) or _derivation(
+        argparse.Namespace(**vars(args), depth=True), [])  # the derived module always has depth (default K = 2)
     source = generate(derivation, options=_options(args.set))
     write_atomically(output, source)
-    print(f"wrote {output} (rule {derivation.rule.name}, convention {derivation.convention})")
+    what = derivation.label if isinstance(derivation, ParameterizedDerivation) else \
+        f"convention {derivation.convention}"
+    print(f"wrote {output} (rule {derivation.rule.name}, {what})")
     return 0
 
 
+def analysed_derivation(args: argparse.Namespace) -> ParameterizedDerivation | None:
+    """``--parameterization sp|ntk|mup|mfp|TABLE.json --alignment ...``: the analysis's knobs (None: derived)."""
+    if args.parameterization == "derived":
+        if args.alignment is not None:
+            raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
+        return None
+    if args.fix or args.set or args.convention != "spectral":
+        raise MupError(f"--parameterization {args.parameterization}: the analysis fixes every knob, so --fix, --set "
+                       f"and --convention apply to the derived parameterization only")
+    return analysed(load_rule(args.rule), args.parameterization, args.alignment)
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``, with the mode a
+    plain ``open(path, "w")`` gives (an existing file's, else 0o666 less the umask; mkstemp's own is 0o600)."""
+    mode = _plain_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _plain_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves: those of the file it truncates, else 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the umask can only be read by setting it
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
+from mupderive.analysis import ALIGNMENTS, EVERETT, Analysis
 from mupderive.codegen import safe
 from mupderive.codegen.parts import Part, bodies
 from mupderive.depth import Depth
-from mupderive.derivation import Derivation
+from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
 from mupderive.language.rule import Rule
+from mupderive.resources import builtin_rule_names, builtin_rule_path
 
 CONVENTION_TEXT = {
     "spectral": "spectral (all multipliers 1; init and lr from the spectral condition, TP-V Table 3)",
@@ -23,36 +26,61 @@ def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
     """The template variables of the module docstring."""
     document = derivation.to_json()
     reads_hessian = any("H" in body.reads for part in parts for body in bodies(part.rule))
+    analysis = getattr(derivation, "analysis", None)
     return {
-        "title_line": _title_line(derivation.rule),
+        "title_line": _title_line(derivation.rule, analysis),
         "command": _command(derivation, options),
         "about": _about(derivation, parts, options),
         "table": _table(document["layers"], document.get("tied")),
-        "extras": _extras(document),
-        "formulas": _formulas(document["formulas"]),
+        "extras": _extras(document) + _depth_lines(derivation),
+        "formulas_heading": "General formulas (multiplier 1, where the rule applies):" if analysis is None else
+        "What each role does at its learning rate (exponents of the width n):",
+        "formulas": _formulas(document["formulas"]) if analysis is None else _analysed(analysis),
         "diagnosis": _diagnosis(document["layers"]),
         "usage": _usage(derivation, parts, reads_hessian),
         "notes": _notes(parts, reads_hessian),
     }
 
 
-def _title_line(rule: Rule) -> str:
-    return safe.wrap(f"muP for {rule.title} (rule {rule.name}): width-scaled init, multipliers and optimizer.",
+def _title_line(rule: Rule, analysis: Analysis | None = None) -> str:
+    what = "muP" if analysis is None else f"{analysis.parameterization} with per-layer learning rates"
+    return safe.wrap(f"{what} for {rule.title} (rule {rule.name}): width-scaled init, multipliers and optimizer.",
                      116)[0]
 
 
 def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
-    words = ["mupderive generate", derivation.rule.name]
+    """The ``mupderive generate`` command line that gives this module: a built-in rule by name, a rule file by its
+    resolved path, shell-quoted (a placeholder, said so, where there is no such file or its path cannot be written
+    here). Lines break between arguments only (an option with its value)."""
+    rule = derivation.rule
+    builtin = rule.name in builtin_rule_names() and Path(rule.path) == builtin_rule_path(rule.name)
+    path = Path(rule.path).resolve() if rule.path else None
+    argument = rule.name if builtin else safe.shell_word(str(path)) if path and path.is_file() else None
+    words = ["mupderive generate", argument or f"PATH/TO/{rule.name}.toml"]  # an option stays with its value
     if derivation.convention != "spectral":
         words.append(f"--convention {derivation.convention}")
-    words += [f"--fix {f}" for f in derivation.fixes]
+    words += [f"--fix {fix}" for fix in derivation.fixes]
+    if (analysis := getattr(derivation, "analysis", None)) is not None:
+        p, a = analysis.parameterization, analysis.alignment
+        words += [f"--parameterization {p if p in EVERETT else 'TABLE.json'}",
+                  f"--alignment {a if a in ALIGNMENTS else 'TABLE.json'}"]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
     depth = derivation.depth
     if depth is not None and depth.branch_matrices != Depth().branch_matrices:
         words.append(f"--branch-matrices {depth.branch_matrices}")
     if depth is not None and depth.imposed:
         words.append(f"--alpha {depth.alpha}")
-    return safe.wrap(" ".join(words) + f" -o mup_{derivation.rule.name}.py", 112, "    ")
+    words.append(f"-o mup_{rule.name}.py")
+    lines = [f"    {words[0]}"]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > 116:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
+    if argument is None:
+        lines += safe.wrap(f"(with PATH/TO/{rule.name}.toml the rule file, whose path cannot be written here)",
+                           112, "    ")
+    return lines
 
 
 def convention_name(convention: str) -> str:
@@ -72,7 +100,7 @@ def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
     fixes = ", ".join(map(str, derivation.fixes)) or "none"
     chosen = ", ".join(f"{name}={str(value).lower()}" for name, value in options.items()) or "rule defaults"
     lines = [f"Rule: {rule.name} - {rule.title}", f"Paper: {rule.paper}", f"Rule source sha256: {rule.digest}",
-             f"Convention: {CONVENTION_TEXT[convention_name(derivation.convention)]}",
+             _convention_line(derivation),
              f"Fixes: {fixes}", f"Boolean options: {chosen}"]
     for part in parts:
         roles = ", ".join(part.roles)
@@ -87,6 +115,28 @@ def _about(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
         if part.rule.implementation.note:
             lines.append(f"Implementation note ({part.rule.name}): {part.rule.implementation.note}")
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
+
+
+def _convention_line(derivation: Derivation) -> str:
+    """The derived convention, or the analysed parameterization the exponents come from."""
+    analysis = getattr(derivation, "analysis", None)
+    if analysis is None:
+        return f"Convention: {CONVENTION_TEXT[convention_name(derivation.convention)]}"
+    return (f"Parameterization: {analysis.parameterization} under {analysis.alignment} alignment (mupderive analyze, "
+            f"Everett et al. 2024): its multipliers and init stds from the standard base stds, each role's largest "
+            f"stable learning rate and every scale-carrying hyperparameter balanced at its gradient; attention "
+            f"logits keep the derived scale; no tied embedding/readout")
+
+
+def _analysed(analysis: Analysis) -> list[str]:
+    """Under the table for an analysed parameterization: what each role's layer does at its lr."""
+    lines = []
+    for role, layer in analysis.layers.items():
+        change = rational(layer.feature_update)
+        does = "learns features" if change == 0 else f"lazy (its output change ~ n^{change})"
+        lines += safe.wrap(f"{role}: {does}; one lr for all (n^{rational(analysis.global_lr)}) would give n^"
+                           f"{rational(layer.at_global_lr)}", 110)
+    return lines + [line for note in analysis.notes for line in safe.wrap(note, 110)]
 
 
 def _table(data: dict, tied: dict | None) -> list[str]:
@@ -117,26 +167,24 @@ def _extras(document: dict) -> list[str]:
             lines.append("A tie cannot be served under this rule (MuP refuses one): " + "; ".join(tied["conflicts"]))
     lines.append(f"Attention logits: scale ~ (head_dim / head_dim_base)^{document['attention']['logit_scale']} "
                  f"(the usual head_dim^{document['attention']['at_init']} only keeps them ~ 1 at init).")
-    lines += _depth_lines(document)
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
 
 
-def _depth_lines(document: dict) -> list[str]:
+def _depth_lines(derivation: Derivation) -> list[str]:
     """The depth exponents D (ratio L / L_base) of the roles inside residual branches, and what an imposed alpha
     breaks (the engine's text, made safe)."""
-    depth = document.get("depth")
+    depth = derivation.depth
     if depth is None:
         return []
-    lines = [f"Depth (DEPTH): each residual branch's output is multiplied by (L / L_base)^{depth['branch_multiplier']} "
-             f"(alpha {depth['alpha']}, branches of {depth['branch_matrices']} matrices); a parameter inside a block "
+    lines = [f"Depth (DEPTH): each residual branch's output is multiplied by (L / L_base)^{depth.branch_multiplier} "
+             f"(alpha {depth.alpha}, branches of {depth.branch_matrices} matrices); a parameter inside a block "
              f"gets (L / L_base)^D on top of r^E, none outside the blocks:"]
-    for role, layer in document["layers"].items():
-        row = layer.get("depth")
-        if row is not None and row["scope"] == "branch":
-            cells = {"init_std": row["init_std"], "lr": row["lr"], **row["hyper"]}
-            lines.append(f"- {role}: " + ", ".join(f"{name} {safe.text(e)}" for name, e in cells.items()))
-    lines += [f"Imposed alpha: {safe.text(b)}" for b in depth["breaks"]]
-    return lines
+    for role, layer in depth.layers.items():
+        if layer.scope == "branch":
+            cells = {k: e for k, e in layer.exponents().items() if k != "multiplier"}
+            lines.append(f"- {role}: " + ", ".join(f"{safe.text(k)} {e}" for k, e in cells.items()))
+    lines += [f"Imposed alpha: {safe.text(b)}" for b in depth.breaks]
+    return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
 
 
 def _formulas(formulas: dict) -> list[str]:

@@ -11,6 +11,7 @@ import builtins
 import keyword
 import math
 import re
+import shlex
 import textwrap
 import unicodedata
 from fractions import Fraction
@@ -26,8 +27,8 @@ GENERATED_NAMES = frozenset({
 # Module-level names of the generated module; a generated optimizer class must not take one.
 MODULE_NAMES = frozenset({
     "MuP", "HybridOptimizer", "Any", "Callable", "ChainMap", "Fraction", "Iterable", "Mapping", "Sequence", "EXPONENTS",
-    "RULE", "RULE_SHA256", "CONVENTION", "FIXES", "RULE_OF_ROLE", "DEPTH", "DEPTH_ALPHA", "DEPTH_BRANCH_MATRICES",
-    "DEPTH_BRANCH_MULTIPLIER", "DEPTH_BREAKS", "DEPTH_GRAD_NORM",
+    "RULE", "RULE_SHA256", "CONVENTION", "FIXES", "RULE_OF_ROLE", "PARAMETERIZATION", "ALIGNMENT", "DEPTH",
+    "DEPTH_ALPHA", "DEPTH_BRANCH_MATRICES", "DEPTH_BRANCH_MULTIPLIER", "DEPTH_BREAKS", "DEPTH_GRAD_NORM",
 })
 RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins)) | GENERATED_NAMES
 
@@ -113,6 +114,13 @@ def text(value: object) -> str:
         else:
             out.append(" " if ch.isspace() else "?")
     return " ".join("".join(out).split())
+
+
+def shell_word(value: str, limit: int = 100) -> str | None:
+    """``value`` quoted for a POSIX shell (``shlex.quote``) when the result is also :func:`text` (no double quotes,
+    backslashes or non-ASCII) and at most ``limit`` characters; else None."""
+    quoted = shlex.quote(value)
+    return quoted if value and text(quoted) == quoted and len(quoted) <= limit else None
 
 
 def wrap(value: object, width: int, indent: str = "") -> list[str]:

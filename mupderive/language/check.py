@@ -18,6 +18,7 @@ from mupderive.language.ir import (
     Neg,
     Num,
     Transpose,
+    When,
     const_value,
     walk,
 )
@@ -30,7 +31,7 @@ MAX_POWER = 16  # largest |p| and denominator accepted in x ** p and matpow(A, p
 
 
 def show(shape: Shape) -> str:
-    names = {"o": "fan_out", "i": "fan_in"}
+    names = {"o": "fan_out", "i": "fan_in", "r": "rank"}
     return "scalar" if not shape else "(" + " x ".join(names[d] for d in shape) + ")"
 
 
@@ -47,6 +48,8 @@ class Checker:
         for h in hypers:
             if not isinstance(h.default, bool | str):
                 self.shapes[h.name] = SCALAR
+        self.rank: str | None = None  # the text of the rank argument of left_singular/right_singular (dimension r)
+        self.in_test = False  # inside a step condition's test, where % is allowed
 
     def fail(self, node: Expr, what: str, expected: str = "") -> RuleError:
         return RuleError(self.path, node.loc.line, node.loc.col, what, expected)
@@ -102,6 +105,12 @@ class Checker:
             if len(inner) != 2:
                 raise self.fail(node, f".T of a {show(inner)} value", "a matrix")
             return inner[::-1]
+        if isinstance(node, When):
+            self.step_test(node)
+            a, b = self.shape(node.then, in_init), self.shape(node.orelse, in_init)
+            if a != b:
+                raise self.fail(node, f"branches have shapes {show(a)} and {show(b)}", "equal shapes")
+            return a
         if isinstance(node, Cond):
             hyper = self.hypers.get(node.flag)
             if hyper is None or not isinstance(hyper.default, bool):
@@ -117,16 +126,44 @@ class Checker:
             return self.call(node, in_init)
         raise self.fail(node, f"unsupported node {type(node).__name__}")
 
+    def step_test(self, node: When) -> None:
+        """A step condition reads only ``t``, numbers and width-free numeric hyperparameters (``%`` allowed)."""
+        for side in (node.left, node.right):
+            for sub in walk(side):
+                if isinstance(sub, Name) and sub.id != "t" and (
+                        sub.id not in self.hypers or self.hypers[sub.id].role != "width-free"):
+                    raise self.fail(sub, f"step condition reads {sub.id!r}",
+                                    "t, numbers and width-free hyperparameters such as an update interval")
+                if isinstance(sub, Call | Cond | When):
+                    raise self.fail(sub, "a step condition is arithmetic on t", "e.g. t % k == 0 or t < k")
+            self.in_test = True
+            try:
+                self.shape(side)
+            finally:
+                self.in_test = False
+
+    def rank_argument(self, node: Expr) -> None:
+        """The rank of a truncated basis: a positive integer or width-free integer hyperparameter, fixed in width
+        (the state dimension ``r``); one rank per rule body."""
+        text = _rank_text(node)
+        hyper = self.hypers.get(text or "")
+        literal = text is not None and text.isdigit()
+        if not literal and (hyper is None or hyper.role != "width-free" or isinstance(hyper.default, bool)
+                            or not isinstance(hyper.default, int) or hyper.default < 1):
+            raise self.fail(node, "the rank must be a positive integer or a width-free integer hyperparameter",
+                            "left_singular(G, rank) with rank = { role = \"width-free\", default = 128 }")
+        if self.rank is not None and self.rank != text:
+            raise self.fail(node, f"a second rank {text!r} (the body already uses {self.rank!r})",
+                            "one rank per body: the state dimension r")
+        self.rank = text
+
     def name(self, node: Name) -> Shape:
         hyper = self.hypers.get(node.id)
-        if hyper is not None and hyper.role == "lr":
-            raise self.fail(node, "the learning rate cannot appear in expressions",
-                            "the optimizer applies W <- W - lr * direction itself")
         if hyper is not None and isinstance(hyper.default, bool | str):
             raise self.fail(node, f"option {node.id!r} cannot be used as a number",
                             "use it as a condition: `a if flag else b`")
         if node.id not in self.shapes:
-            known = sorted(set(self.shapes) - {h for h in self.hypers if self.hypers[h].role == "lr"})
+            known = sorted(self.shapes)
             raise self.fail(node, f"unknown name {node.id!r}", f"one of: {', '.join(known)}")
         return self.shapes[node.id]
 
@@ -137,6 +174,10 @@ class Checker:
                 return a[:-1] + b[1:]
             raise self.fail(node, f"shape mismatch: {show(a)} @ {show(b)}",
                             "inner dimensions that agree, e.g. G @ G.T")
+        if node.op == "%":
+            if not self.in_test:
+                raise self.fail(node, "% outside a step condition", "`a if t % k == 0 else b`")
+            return SCALAR
         if node.op == "**":
             if b != SCALAR:
                 raise self.fail(node.right, "exponent must be a scalar", "x ** p with p a number")
@@ -198,11 +239,28 @@ class Checker:
                 if len(shapes) == 3 and shapes[2] != SCALAR:
                     raise self.fail(node.args[2], "matpow damping must be a scalar", "matpow(A, p, eps)")
             return square
+        if fn == "eigbasis":
+            if len(shapes[0]) != 2 or shapes[0][0] != shapes[0][1]:
+                raise self.fail(node, f"eigbasis() of a {show(shapes[0])} value",
+                                "a symmetric matrix such as L built from G @ G.T")
+            return shapes[0]
+        if fn in ("left_singular", "right_singular"):
+            if len(shapes[0]) != 2:
+                raise self.fail(node, f"{fn}() of a {show(shapes[0])} value", "a matrix")
+            self.rank_argument(node.args[1])
+            return (shapes[0][0] if fn == "left_singular" else shapes[0][1], "r")
         if fn == "orthogonalize":
             if len(shapes[0]) != 2:
                 raise self.fail(node, f"orthogonalize() of a {show(shapes[0])} value", "a matrix")
             return shapes[0]
         raise self.fail(node, f"unknown function {fn!r}")  # unreachable: the parser whitelists FUNCTIONS
+
+
+def _rank_text(node: Expr) -> str | None:
+    value = const_value(node)
+    if value is not None and value.denominator == 1 and value >= 1:
+        return str(value)
+    return node.id if isinstance(node, Name) else None
 
 
 def _small_rational(node: Expr) -> bool:

@@ -103,6 +103,25 @@ class Cond(Expr):
 
 
 @dataclass(frozen=True)
+class When(Expr):
+    """``then if left op right else orelse``: a condition on the step count, e.g. ``t % k == 0`` or ``t < k``
+    (``op`` one of ``== != < <= > >=``; the operands are built from ``t``, numbers and width-free
+    hyperparameters, with ``%`` allowed only here)."""
+
+    op: str
+    left: Expr
+    right: Expr
+    then: Expr
+    orelse: Expr
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.left, self.right, self.then, self.orelse)
+
+
+COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+
+
+@dataclass(frozen=True)
 class Assign:
     """``target = value`` inside a rule's compute block."""
 
@@ -111,7 +130,7 @@ class Assign:
     loc: Loc = field(default=_NOWHERE, compare=False, repr=False)
 
 
-BINOPS = ("+", "-", "*", "/", "**", "@")
+BINOPS = ("+", "-", "*", "/", "**", "@", "%")  # % only inside a step condition (When)
 
 # name -> (min arity, max arity, one-line meaning). The single list of primitives of the rule language.
 FUNCTIONS: dict[str, tuple[int, int, str]] = {
@@ -134,6 +153,10 @@ FUNCTIONS: dict[str, tuple[int, int, str]] = {
     "col_mean": (1, 1, "mean over the fan_out axis: (fan_out x fan_in) -> (fan_in,)"),
     "outer": (2, 2, "outer(u, v) = u v^T"),
     "eye": (1, 1, "eye(A): identity with the shape of the square matrix A"),
+    "eigbasis": (1, 1, "eigbasis(A): orthonormal eigenvectors of the symmetric A as columns, eigenvalues descending"),
+    "left_singular": (2, 2, "left_singular(X, k): the k leading left singular vectors of X as columns (rows x rank)"),
+    "right_singular": (2, 2, "right_singular(X, k): the k leading right singular vectors of X as columns "
+                             "(columns x rank)"),
     "zeros": (1, 1, "zeros(X): zeros with the shape of X (state initial values only)"),
 }
 
@@ -188,6 +211,8 @@ def const_value(expr: Expr) -> Fraction | None:
             return a * b
         if expr.op == "/":
             return None if b == 0 else a / b
+        if expr.op == "%":
+            return None if b == 0 else a % b
         if b.denominator == 1 and abs(b) <= 64 and (a != 0 or b > 0):
             return a ** int(b)
     return None

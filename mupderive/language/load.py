@@ -17,7 +17,7 @@ from mupderive.language.check import Checker
 from mupderive.language.ir import BUILTINS, FUNCTIONS
 from mupderive.language.locate import Locator
 from mupderive.language.parse import Origin, parse_block, parse_expr
-from mupderive.language.rule import HYPER_ROLES, ROLES, Body, Hyper, Implementation, Rule, Value
+from mupderive.language.rule import DECAY_FORMS, HYPER_ROLES, ROLES, Body, Hyper, Implementation, Rule, Value
 from mupderive.resources import builtin_rule_names, builtin_rule_path
 
 MAX_FILE = 64 * 1024
@@ -28,7 +28,7 @@ _CLASS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _TOP = {"name", "title", "paper", "applies_to", "fallback", "implementation", "hyperparameters", "update"}
 _IMPL = {"class", "args", "fixed", "class_level", "note"}
 _HYPER = {"role", "default", "doc"}
-_BODY = {"state", "compute", "direction", "decay", "skip_first", "decay_first"}
+_BODY = {"state", "compute", "direction", "decay", "skip_first", "decay_first", "decay_form", "transpose_wide"}
 
 
 def load_rule(ref: str | Path) -> Rule:
@@ -243,7 +243,16 @@ class _Loader:
         decay_first = self.get(table, key + ("decay_first",), bool, "true or false", required=False) or False
         if decay_first and decay is None:
             raise self.fail(key + ("decay_first",), "decay_first without a decay", "decay = \"weight_decay\"")
-        body = Body(tuple(state), compute, direction, decay, skip_first, decay_first)
+        decay_form = self.get(table, key + ("decay_form",), str, "one of: " + ", ".join(DECAY_FORMS),
+                              required=False) or "decoupled"
+        if decay_form not in DECAY_FORMS:
+            raise self.fail(key + ("decay_form",), f"unknown decay_form {decay_form!r}",
+                            "one of: " + ", ".join(DECAY_FORMS))
+        if decay_form != "decoupled" and (decay is None or decay_first):
+            raise self.fail(key + ("decay_form",), f"decay_form {decay_form!r} needs a decay and no decay_first",
+                            "decay = \"weight_decay\" acting after the step")
+        transpose_wide = self.get(table, key + ("transpose_wide",), bool, "true or false", required=False) or False
+        body = Body(tuple(state), compute, direction, decay, skip_first, decay_first, decay_form, transpose_wide)
         Checker(self.path, hypers, kind if kind == "vector" else "matrix").body(body)
         return body
 

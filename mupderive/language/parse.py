@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from mupderive.errors import RuleError
-from mupderive.language.ir import FUNCTIONS, Assign, BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose
+from mupderive.language.ir import FUNCTIONS, Assign, BinOp, Call, Cond, Expr, Loc, Name, Neg, Num, Transpose, When
 
 MAX_TEXT = 4000  # characters in one expression or compute block
 MAX_NODES = 400  # IR nodes in one expression
@@ -27,7 +27,9 @@ _BINOPS: dict[type, str] = {
     ast.Div: "/",
     ast.Pow: "**",
     ast.MatMult: "@",
+    ast.Mod: "%",
 }
+_COMPARES: dict[type, str] = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,17 @@ class _Converter:
             if node.attr != "T":
                 raise self.fail(node, f"unknown attribute .{node.attr}", "only .T (transpose)")
             return Transpose(self.expr(node.value, d), loc=loc)
+        if isinstance(node, ast.IfExp) and isinstance(node.test, ast.Compare):
+            test = node.test
+            if len(test.ops) != 1 or type(test.ops[0]) not in _COMPARES:
+                raise self.fail(test, "a step condition compares two expressions once",
+                                "`a if t % k == 0 else b` or `a if t < k else b`")
+            return When(_COMPARES[type(test.ops[0])], self.expr(test.left, d), self.expr(test.comparators[0], d),
+                        self.expr(node.body, d), self.expr(node.orelse, d), loc=loc)
         if isinstance(node, ast.IfExp):
             if not isinstance(node.test, ast.Name):
-                raise self.fail(node.test, "condition must be a boolean hyperparameter",
-                                "`a if flag else b` with flag a name")
+                raise self.fail(node.test, "condition must be a boolean hyperparameter or a step condition",
+                                "`a if flag else b` with flag a name, or `a if t % k == 0 else b`")
             _check_identifier(node.test.id, self.origin, self.loc(node.test))
             return Cond(node.test.id, self.expr(node.body, d), self.expr(node.orelse, d), loc=loc)
         raise self.fail(node, f"{_describe(node)} is not allowed",

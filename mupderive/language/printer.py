@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose, When
 from mupderive.language.rule import Body, Rule
 
-_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "@": 2, "**": 4}
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "@": 2, "%": 2, "**": 4}
 _UNARY, _ATOM = 3, 5
 
 
@@ -41,6 +41,9 @@ def _show(expr: Expr) -> tuple[str, int]:
         return f"-{_wrap(expr.arg, _UNARY + 1)}", _UNARY
     if isinstance(expr, Cond):
         return f"{_wrap(expr.then, 1)} if {expr.flag} else {_wrap(expr.orelse, 0)}", 0
+    if isinstance(expr, When):
+        test = f"{_wrap(expr.left, 1)} {expr.op} {_wrap(expr.right, 1)}"
+        return f"{_wrap(expr.then, 1)} if {test} else {_wrap(expr.orelse, 0)}", 0
     if isinstance(expr, BinOp):
         prec = _PREC[expr.op]
         if expr.op == "**":  # right-associative, and binds tighter than a unary minus on its left
@@ -59,12 +62,19 @@ def show_body(body: Body, indent: str = "  ") -> list[str]:
     lines = [f"{indent}state {name} = {show_expr(init)}" for name, init in body.state]
     if body.skip_first:
         lines.append(f"{indent}(the first step only initializes state)")
+    if body.transpose_wide:
+        lines.append(f"{indent}(a parameter with fan_out < fan_in runs this on its transpose)")
     if body.decay_first:
         lines.append(f"{indent}W <- W (1 - lr * {show_expr(body.decay)})  (decay first: the step below sees it)")
     lines += [f"{indent}{a.target} = {show_expr(a.value)}" for a in body.compute]
     lines.append(f"{indent}U = {show_expr(body.direction)}")
     decay = f" (1 - lr * {show_expr(body.decay)})" if body.decay is not None and not body.decay_first else ""
-    lines.append(f"{indent}W <- W{decay} - lr * U")
+    if body.decay is not None and body.decay_form == "after":
+        lines.append(f"{indent}W <- (W - lr * U) (1 - lr * {show_expr(body.decay)})")
+    elif body.decay is not None and body.decay_form == "proximal":
+        lines.append(f"{indent}W <- (W - lr * U) / (1 + lr * {show_expr(body.decay)})")
+    else:
+        lines.append(f"{indent}W <- W{decay} - lr * U")
     return lines
 
 

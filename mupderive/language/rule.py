@@ -10,6 +10,7 @@ from mupderive.language.ir import Assign, BinOp, Expr, Name, names
 
 ROLES = ("input", "hidden", "output", "vector")
 HYPER_ROLES = ("lr", "scale", "width-free")
+DECAY_FORMS = ("decoupled", "after", "proximal")
 
 Value = float | int | bool | str
 
@@ -31,7 +32,10 @@ class Body:
     ``state`` holds initial values (evaluated at the first step); ``compute`` runs top to bottom each step, a state
     name read before its assignment meaning its previous value. With ``skip_first`` the first step only sets state.
     The decoupled ``decay`` acts after the direction is computed, unless ``decay_first`` (then ``W`` in the
-    direction is the already-decayed weight, as in pytorch_optimizer's Lamb).
+    direction is the already-decayed weight, as in pytorch_optimizer's Lamb). ``decay_form`` says how it acts:
+    ``decoupled`` ``W (1 - lr d) - lr U``, ``after`` ``(W - lr U)(1 - lr d)`` (on the updated weight), ``proximal``
+    ``(W - lr U) / (1 + lr d)``. With ``transpose_wide`` a matrix with fan_out < fan_in runs the body on its
+    transpose (``G.T``, ``W.T`` in, the direction transposed back), so the body's rows are the longer side.
     """
 
     state: tuple[tuple[str, Expr], ...]
@@ -40,6 +44,8 @@ class Body:
     decay: Expr | None = None
     skip_first: bool = False
     decay_first: bool = False
+    decay_form: str = "decoupled"
+    transpose_wide: bool = False
 
     @property
     def state_names(self) -> tuple[str, ...]:

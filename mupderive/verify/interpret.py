@@ -4,8 +4,11 @@ At the first step every state's initial value is evaluated; the compute block th
 before its assignment is its previous value) and the parameter moves by ``W <- W (1 - lr decay) - lr U`` (with
 ``decay_first`` the decay comes first and the expressions see the decayed ``W``); with ``skip_first`` the first step
 only sets the state. Primitives are exact: ``matpow`` by ``eigh``, ``orthogonalize`` by SVD (the polar factor on the
-nonzero singular values). Every sum or comparison records its operands under :func:`term_key`, the key the scaling
-calculus' :class:`~mupderive.calculus.evaluate.Comparison` of the same node has, so compared terms can be measured.
+nonzero singular values), ``eigbasis`` by ``eigh`` (columns in descending eigenvalue order), singular bases by
+``svd``. ``decay_form`` ``after``/``proximal`` decays the updated weight; ``transpose_wide`` runs a matrix with
+fan_out < fan_in on its transpose. Every sum or comparison records its operands under :func:`term_key`, the key the
+scaling calculus' :class:`~mupderive.calculus.evaluate.Comparison` of the same node has, so compared terms can be
+measured.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mupderive.errors import MupError
-from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose
+from mupderive.language.ir import BinOp, Call, Cond, Expr, Name, Neg, Num, Transpose, When
 from mupderive.language.printer import show_expr
 from mupderive.language.rule import Rule, Value
 
@@ -57,6 +60,16 @@ class Interpreter:
         """Advance one step from parameter ``W`` with gradient ``G`` (and Hutchinson estimate ``H``)."""
         self.t += 1
         self.terms = {}
+        if self.body.transpose_wide and G.dim() == 2 and G.shape[0] < G.shape[1]:
+            step = self._step(W.T, G.T, None if H is None else H.T)
+            if self.body.decay_sum is not None:  # the decay compares effects on the parameter's own inputs
+                key = term_key("decay", self.body.decay_sum)
+                if key in step.terms:
+                    step.terms[key] = tuple(x.T for x in step.terms[key])
+            return Step(step.W.T.contiguous(), step.values, step.terms, step.decay, step.skipped)
+        return self._step(W, G, H)
+
+    def _step(self, W: torch.Tensor, G: torch.Tensor, H: torch.Tensor | None) -> Step:
         env: dict[str, torch.Tensor] = {name: self._const(v, G) for name, v in self.scalars.items()}
         fan_out, fan_in = G.shape[0], (G.shape[1] if G.dim() == 2 else 1)
         env |= {"G": G, "W": W, "t": self._const(self.t, G), "fan_in": self._const(fan_in, G),
@@ -83,7 +96,12 @@ class Interpreter:
         else:
             decay = self.eval(self.body.decay, env) if decay is None else decay
             self._record("decay", self.body.decay_sum, (direction, decay * seen))
-            new = (seen if self.body.decay_first else W * (1 - lr * decay)) - lr * direction
+            if self.body.decay_form == "after":
+                new = (W - lr * direction) * (1 - lr * decay)
+            elif self.body.decay_form == "proximal":
+                new = (W - lr * direction) / (1 + lr * decay)
+            else:
+                new = (seen if self.body.decay_first else W * (1 - lr * decay)) - lr * direction
         self.states = {name: env[name] for name in self.states}
         values = {stmt.target: env[stmt.target] for stmt in self.body.compute} | {"direction": direction}
         return Step(new, values, self.terms, decay)
@@ -113,6 +131,9 @@ class Interpreter:
             return self.eval(node.arg, env).T
         if isinstance(node, Cond):
             return self.eval(node.then if self.flags[node.flag] else node.orelse, env)
+        if isinstance(node, When):
+            left, right = float(self.eval(node.left, env)), float(self.eval(node.right, env))
+            return self.eval(node.then if _COMPARE[node.op](left, right) else node.orelse, env)
         if isinstance(node, BinOp):
             return self._binop(node, env)
         assert isinstance(node, Call)
@@ -129,6 +150,8 @@ class Interpreter:
             return a / b
         if node.op == "@":
             return a @ b
+        if node.op == "%":
+            return torch.remainder(a, b)
         return torch.pow(a, b)
 
     def _call(self, node: Call, env: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,6 +165,9 @@ class Interpreter:
             self._record("max", node, (lo, hi))
             self._record("clip", node, (x, torch.maximum(lo.abs(), hi.abs())))
             return torch.clamp(x, lo, hi)
+        if fn == "ema":  # the sum beta * old + (1 - beta) * x: its two terms are compared
+            old, x, beta = args
+            self._record("sum", node, (beta * old, (1 - beta) * x))
         if fn == "atan2":
             self._record("atan2", node, (args[0], args[1]))
             return torch.atan2(args[0], args[1])
@@ -152,6 +178,8 @@ class Interpreter:
                 self._record("damping", node, (A, damping))
                 A = A + damping
             return matpow(A, float(args[1]))
+        if fn in ("left_singular", "right_singular"):
+            return singular_basis(args[0], int(args[1]), fn == "left_singular")
         return PRIMITIVES[fn](*args)
 
 
@@ -159,6 +187,18 @@ def matpow(A: torch.Tensor, p: float) -> torch.Tensor:
     """``A^p`` for symmetric positive semidefinite ``A``: ``V diag(lambda^p) V^T`` from ``eigh``."""
     lam, V = torch.linalg.eigh((A + A.T) / 2)
     return (V * lam.clamp_min(0).pow(p)) @ V.T
+
+
+def eigbasis(A: torch.Tensor) -> torch.Tensor:
+    """Orthonormal eigenvectors of the symmetric ``A`` as columns, eigenvalues descending (``eigh``, flipped)."""
+    return torch.flip(torch.linalg.eigh(A)[1], dims=[1])
+
+
+def singular_basis(X: torch.Tensor, k: int, left: bool) -> torch.Tensor:
+    """The ``k`` leading left (``U[:, :k]``) or right (``V[:, :k]``) singular vectors of ``X`` as columns (all of
+    them where ``k`` exceeds the smaller side)."""
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U[:, :k] if left else Vh[:k].T
 
 
 def orthogonalize(X: torch.Tensor) -> torch.Tensor:
@@ -179,6 +219,9 @@ def _spectral_norm(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(X, ord=2) if X.dim() == 2 else torch.linalg.vector_norm(X)
 
 
+_COMPARE = {"==": float.__eq__, "!=": float.__ne__, "<": float.__lt__, "<=": float.__le__, ">": float.__gt__,
+            ">=": float.__ge__}
+
 # Primitives whose value is a plain function of their arguments (the others also record compared operands).
 PRIMITIVES = {
     "sqrt": torch.sqrt,
@@ -194,6 +237,7 @@ PRIMITIVES = {
     "col_mean": lambda x: x.mean(dim=0),
     "outer": torch.outer,
     "trust_ratio": trust_ratio,
+    "eigbasis": eigbasis,
     "eye": lambda a: torch.eye(a.shape[0], dtype=a.dtype, device=a.device),
     "zeros": torch.zeros_like,
 }

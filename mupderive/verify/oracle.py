@@ -5,7 +5,9 @@ mirrors, built from its ``[implementation]`` table with every hyperparameter at 
 (``value(n) = base * (n / n_base)^E``), and by the rule's reference interpreter on the same gradients. Log-log slopes
 over widths of ``|dW|_*``, ``|dW|_F``, ``rms(dW)``, ``|dW x|/|x|``, ``|lr U|_*`` and of every compared term are
 checked against the calculus, and the two trajectories must agree (else the rule does not mirror its implementation).
-Each scale-carrying hyperparameter is then kept fixed to confirm the drift the derivation predicts (``if_fixed``).
+Each scale-carrying hyperparameter is then kept fixed to confirm the drift the derivation predicts (``if_fixed``), at
+the rule's own defaults (those that default to 0 held at 0) and, where the diagnosis says setting them changes the
+regime, with them set.
 
 Base values are the rule's defaults, except that a hyperparameter at a balance point is set to balance its term at
 the base width (a default such as eps = 1e-8 never enters, so its exponent would go untested) and the learning rate
@@ -32,12 +34,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mupderive.calculus.evaluate import Comparison, Outcome
+from mupderive.calculus.evaluate import Comparison, Outcome, Term
 from mupderive.calculus.exponent import ZERO, Exp, Signs
 from mupderive.calculus.value import Frame
 from mupderive.derivation import Derivation, LayerDerivation, derive
 from mupderive.errors import MupError
-from mupderive.language.ir import names
+from mupderive.language.ir import Call, names
 from mupderive.language.load import load_rule
 from mupderive.language.rule import ROLES, Implementation, Rule, Value
 from mupderive.verify.bf16 import float32_gemm
@@ -55,6 +57,9 @@ APPROXIMATE = {
     "torch.optim.Muon": (0.6, "Newton-Schulz (5 quintic steps in bfloat16) maps singular values to about [0.7, 1.2] "
                               "and lifts bfloat16 rounding noise, where orthogonalize() is the exact polar factor"),
     # (bfloat16 GEMM kernels themselves differ by up to ~3% in this update: AMX, ATen's generic loop, float32 ones)
+    "pytorch_optimizer.GaLore": (1e-4, "the library takes the projection's SVD in float32 for float64 parameters "
+                                       "(singular vectors to ~1e-7); with that SVD in float32 the interpreter "
+                                       "matches it to 1e-15"),
 }
 PROBE = 1e-3  # starting value when balancing a hyperparameter whose default is 0
 # The lead the predicted larger term must have at the smallest width in every comparison a fixed hyperparameter
@@ -90,6 +95,8 @@ class Scenario:
     quantities: tuple[Quantity, ...]
     regime: str = ""
     comparisons: tuple[Comparison, ...] = ()  # the comparisons the regime change touches (fixed scenarios)
+    absent: tuple[str, ...] = ()  # hyperparameters held at their default 0 (the rule's defaults)
+    lr: Exp | None = None  # the learning-rate exponent the fixed scenario's regime needs
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,8 @@ class RolePlan:
     scenarios: list[Scenario]
     base: dict[str, Value] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    fixed: dict[str, tuple[float, str]] = field(default_factory=dict)  # settled fixed values and why (see settle)
+    # settled fixed values and why (see settle), per fixed hyperparameter and the ones held at their default 0
+    fixed: dict[tuple[str, tuple[str, ...]], tuple[float, str]] = field(default_factory=dict)
 
     @property
     def implementation(self) -> str:
@@ -174,20 +182,21 @@ class RolePlan:
     def reads_hessian(self) -> bool:
         return "H" in self.rule.body(self.role).reads
 
-    def values(self, n: int, fixed: str | None = None) -> dict[str, Value]:
+    def values(self, n: int, fixed: str | None = None, absent: tuple[str, ...] = ()) -> dict[str, Value]:
         """Hyperparameters at width ``n``: the derived law ``c n^E`` with ``c = base n_base^-E``. ``fixed`` keeps
         its settled value (:func:`settle`), by default the law's value at ``n = 1``, where keeping and scaling agree:
         the measured widths then lie deep in the regime it drifts into (kept at its ``n_base`` value instead, the
-        crossover sits at the smallest width and a unit drift fits as about 3/4 over 64..1024)."""
+        crossover sits at the smallest width and a unit drift fits as about 3/4 over 64..1024). ``absent`` are held
+        at their default 0."""
         ratio, out = n / self.n_base, dict(self.base)
         for h in self.rule.hypers:
             exponent = self.layer.lr if h.role == "lr" else self.layer.hyper.get(h.name)
             if h.role != "width-free" and exponent is not None:
                 at = 1 / self.n_base if h.name == fixed else ratio
                 out[h.name] = float(self.base[h.name]) * at ** float(exponent.const)
-        if fixed in self.fixed:
-            out[fixed] = self.fixed[fixed][0]
-        return out
+        if (fixed, absent) in self.fixed:
+            out[fixed] = self.fixed[(fixed, absent)][0]
+        return out | {name: self.rule.hyper(name).default for name in absent}
 
     def synthetic(self, n: int, steps: int, seed: int, device: str) -> Layer:
         """The synthetic layer at width ``n`` with the derived init std and multiplier."""
@@ -272,9 +281,17 @@ def plan_role(rule: Rule, layer: LayerDerivation, n_base: int) -> RolePlan:
     for name, regime in layer.if_fixed.items():
         if layer.hyper[name] == ZERO:
             continue  # already width-independent: nothing drifts
-        compared = list(regime.comparisons)
-        scenarios.append(Scenario(f"{name} fixed", name, quantities(applied, layer.role, frame, lr, regime.outcome,
-                                                                    compared), regime.text, tuple(compared)))
+        # at the rule's own defaults (hyperparameters that default to 0 left at 0), which the diagnosis must hold
+        # at, and with those set as calibrated where the diagnosis says that changes the regime
+        absent = tuple(h.name for h in applied.scale_hypers
+                       if h.default == 0 and h.name != name and h.name in layer.hyper)
+        runs = [(regime, f"{name} fixed", regime.text, absent)]
+        if regime.with_set is not None and (regime.with_set.lr, regime.with_set.kappa) != (regime.lr, regime.kappa):
+            runs.append((regime.with_set, f"{name} fixed, {', '.join(absent)} set", regime.with_set.text, ()))
+        for run, title, text, zeroed in runs:
+            compared = list(run.comparisons)
+            scenarios.append(Scenario(title, name, quantities(applied, layer.role, frame, lr, run.outcome, compared),
+                                      text, tuple(compared), zeroed, run.lr))
     return RolePlan(layer.role, applied, layer, n_base, scenarios)
 
 
@@ -296,6 +313,10 @@ def quantities(rule: Rule, role: str, frame: Frame, lr: Exp, outcome: Outcome,
         key = term_key(c.op, c.node)
         if key in seen or names(c.node) <= constant:
             continue  # width-free scalars such as 1 - beta1**t
+        if isinstance(c.node, Call) and c.node.fn == "ema" and not any(t.hypers for t in c.terms):
+            continue  # one state at two steps: no balance point, its scale is checked where it is used
+        if sum(t.e is not None for t in c.terms) < 2:
+            continue  # the other terms are exactly zero (a decay behind a false flag): nothing is compared
         seen.add(key)
         for index, term in enumerate(c.terms):
             if term.e is not None:
@@ -394,7 +415,7 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
     errors: list[float] = []
     for seed in seeds:
         for n in widths:
-            per_quantity, errs = trajectory(plan, scenario, plan.values(n, scenario.fixed),
+            per_quantity, errs = trajectory(plan, scenario, plan.values(n, scenario.fixed, scenario.absent),
                                             plan.synthetic(n, steps, seed, device))
             errors += errs
             for store, values in zip(samples, per_quantity, strict=True):
@@ -416,8 +437,10 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
     match = Match(plan.implementation, max(errors, default=0.0) if cls else None, limit, reason)
     if scenario.fixed is None:
         return ScenarioResult(scenario, tuple(checks), match)
-    value = float(plan.values(plan.n_base, scenario.fixed)[scenario.fixed])
-    origin = plan.fixed.get(scenario.fixed, (value, "the derived law's value at n = 1"))[1]
+    value = float(plan.values(plan.n_base, scenario.fixed, scenario.absent)[scenario.fixed])
+    origin = plan.fixed.get((scenario.fixed, scenario.absent), (value, "the derived law's value at n = 1"))[1]
+    if scenario.absent:
+        origin += f"; {', '.join(scenario.absent)} at the default 0"
     return ScenarioResult(scenario, tuple(checks), match, value, origin)
 
 
@@ -435,13 +458,15 @@ def calibrate(plan: RolePlan, steps: int, seed: int, device: str, n_max: int) ->
     rule, layer = plan.rule, plan.synthetic(plan.n_base, steps, seed, device)
     plan.base = {h.name: h.default for h in rule.hypers}
     done: set[str] = set()
+    points = []  # (comparison, live terms) where the terms are of one order (else one is ahead at every width)
     for c in plan.layer.balanced.outcome.comparisons:
         live = [(i, t) for i, t in enumerate(c.terms) if t.e is not None]
-        if len({t.e for _, t in live}) != 1:
-            continue  # not a balance point: one term dominates at every width
+        if len({t.e for _, t in live}) == 1:
+            points.append((c, live))
+    direct = {h.name for h in rule.scale_hypers for c, live in points if all(_sides(c, h.name, live, True))}
+    for c, live in points:
         for h in rule.scale_hypers:
-            own = [i for i, t in live if h.name in t.hypers]
-            other = [i for i, t in live if h.name not in t.hypers]
+            own, other = _sides(c, h.name, live, h.name in direct)
             if h.name in done or not own or not other:
                 continue
             done.add(h.name)
@@ -461,6 +486,20 @@ def calibrate(plan: RolePlan, steps: int, seed: int, device: str, n_max: int) ->
             plan.base[name] = default
 
 
+def _sides(c: Comparison, name: str, live: list[tuple[int, Term]], direct: bool) -> tuple[list[int], list[int]]:
+    """The terms of ``c`` that carry hyperparameter ``name`` and those that do not. With ``direct``, the terms that
+    read it themselves against those that do not: where a state accumulates it (AdaBelief's ``s = ema(s, r**2) +
+    eps``) every term carries it, and only the term that adds it moves with it from the first step. A hyperparameter
+    that some balance point reads directly is balanced there; one that only a state carries (started at
+    ``eps * I``), where it carries it."""
+    if not direct:
+        return [i for i, t in live if name in t.hypers], [i for i, t in live if name not in t.hypers]
+    by_term = c.direct_by_term
+    if by_term is None:
+        return [], []
+    return [i for i, _ in live if name in by_term[i]], [i for i, _ in live if name not in by_term[i]]
+
+
 def _limit_lr(plan: RolePlan, layer: Layer, n_max: int) -> None:
     """Lower the base learning rate where the default moves ``W`` by more than ``STEP`` of its size (spectral norm
     or RMS) in one step in any scenario: the calculus describes a step from a given state, and steps that rewrite the
@@ -469,8 +508,8 @@ def _limit_lr(plan: RolePlan, layer: Layer, n_max: int) -> None:
     lr, largest = plan.rule.lr.name, 0.0
     spec, rms = layer.metric(layer.W0, "spec"), layer.metric(layer.W0, "rms")
     for scenario in plan.scenarios:
-        interp = Interpreter(plan.rule, plan.role, plan.values(plan.n_base, scenario.fixed))
-        gap = 0.0 if scenario.fixed is None else float((plan.layer.lr - plan.layer.if_fixed[scenario.fixed].lr).const)
+        interp = Interpreter(plan.rule, plan.role, plan.values(plan.n_base, scenario.fixed, scenario.absent))
+        gap = 0.0 if scenario.lr is None else float((plan.layer.lr - scenario.lr).const)
         growth = (n_max / plan.n_base) ** max(gap, 0.0)
         W = layer.W0
         for batch in layer.batches:
@@ -507,8 +546,8 @@ def settle(plan: RolePlan, scenario: Scenario, layer: Layer) -> None:
     diagnosis predicts (the predicted larger side ahead by ``MARGIN``). The law's ``n = 1`` value guarantees that
     in the comparison that set the law; one it enters a second time (LAMB's eps in ``sqrt(v) + eps`` and in the
     trust ratio's ``fro_norm(u) + eps``) can still be at its crossover there, which bends every slope downstream."""
-    name = scenario.fixed
-    start = x = float(plan.values(plan.n_base, name)[name])
+    name, absent = scenario.fixed, scenario.absent
+    start = x = float(plan.values(plan.n_base, name, absent)[name])
     wanted = []  # (comparison, predicted larger term, runner-up)
     for c in scenario.comparisons:
         live = sorted(((t.e.const, i) for i, t in enumerate(c.terms) if t.e is not None), reverse=True)
@@ -516,7 +555,7 @@ def settle(plan: RolePlan, scenario: Scenario, layer: Layer) -> None:
             wanted.append((c, live[0][1], live[1][1]))
 
     def ratio(value: float, c: Comparison, top: int, runner: int) -> float | None:
-        return _log_ratio(plan, layer, plan.values(plan.n_base, name) | {name: value}, c, top, runner)
+        return _log_ratio(plan, layer, plan.values(plan.n_base, name, absent) | {name: value}, c, top, runner)
 
     def short(value: float) -> list[tuple[Comparison, int, int, float]]:
         """The comparisons whose predicted larger term is not yet ahead by MARGIN at ``value``, with log ratios."""
@@ -534,8 +573,8 @@ def settle(plan: RolePlan, scenario: Scenario, layer: Layer) -> None:
         return
     terms = "; ".join(f"{c.terms[top].text} over {c.terms[runner].text}" for c, top, runner in wanted)
     how = "yet short of" if short(x) else "so that"
-    plan.fixed[name] = (x, f"moved from the law's value at n = 1, {start:.3g}, {how} the predicted larger term leads "
-                           f"by {MARGIN:g}x at n = {plan.n_base} in: {terms}")
+    plan.fixed[(name, absent)] = (x, f"moved from the law's value at n = 1, {start:.3g}, {how} the predicted larger "
+                                     f"term leads by {MARGIN:g}x at n = {plan.n_base} in: {terms}")
 
 
 def _balance(plan: RolePlan, layer: Layer, name: str, c: Comparison, own: int, other: int) -> None:
@@ -597,6 +636,7 @@ def _role_json(r: RoleResult) -> dict:
         "base": dict(r.base), "notes": r.notes,
         "scenarios": [{
             "name": s.scenario.name, "fixed": s.scenario.fixed, "fixed_value": s.fixed_value,
+            "at_default_zero": list(s.scenario.absent),
             "fixed_origin": s.fixed_origin,
             "regime": s.scenario.regime, "passed": s.passed,
             "implementation_match": {"error": _finite(s.match.error), "tolerance": s.match.tolerance,
@@ -681,7 +721,11 @@ def plot(report: Report, path: Path) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """CLI entry: exit 0 when every check passes, 1 otherwise."""
+    """CLI entry: exit 0 when every check passes, 1 otherwise (``--depths``: the residual-stack measurement)."""
+    if args.depths is not None:
+        from mupderive.verify import depth_stack
+
+        return depth_stack.command(args)
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
     except ValueError:

@@ -63,9 +63,14 @@ class Layer:
         return float(ratios.square().mean().sqrt())
 
     def metric(self, M: torch.Tensor, metric: str) -> float:
-        """``spec`` (largest singular value), ``fro``, ``rms`` or ``effect`` of ``M`` (vectors are columns)."""
+        """``spec`` (largest singular value), ``fro``, ``rms``, ``entry`` or ``effect`` of ``M`` (vectors are
+        columns)."""
         if metric == "rms":
             return float(M.square().mean().sqrt())
+        if metric == "entry":  # typical nonzero entry: sqrt(sum x^4 / sum x^2) (the rms for spread entries)
+            square = M.square()
+            total = square.sum()
+            return float((square.square().sum() / total).sqrt()) if total > 0 else 0.0
         if metric == "effect":
             return self.effect(M)
         if metric == "fro" or M.dim() < 2:

@@ -81,10 +81,23 @@ class SweepConfig:
     steps: int
     batch_size: int
     seeds: int = 1
-    parameterization: str = "derived"
+    parameterization: str = "derived"  # derived, standard, or an analysed one: sp, ntk, mup, mfp or TABLE.json
     device: str = "auto"
     eval_batches: int = 8
     explode: float = 3.0  # a loss above this multiple of the first loss counts as divergence
+    alignment: str | None = None  # an analysed parameterization's alignment assumption (default full)
+
+    @property
+    def analysed(self) -> bool:
+        """Whether the module comes from ``mupderive analyze`` (a parameterization other than derived/standard)."""
+        return self.parameterization not in ("derived", "standard")
+
+    @property
+    def label(self) -> str:
+        """The parameterization as reports name it: ``derived``, ``standard`` or ``sp-full``."""
+        if not self.analysed:
+            return self.parameterization
+        return f"{Path(self.parameterization).stem}-{Path(self.alignment or 'full').stem}"
     depths: tuple[int, ...] = ()  # a depth sweep: the depths, at the one width of ``widths``
     depth_scaling: bool = True  # a depth sweep: False applies the generated module width-only (the baseline)
 
@@ -112,8 +125,8 @@ class Sweep:
     """A prepared sweep: the rule, data and optimizer setup loaded once; `run` trains one grid point."""
 
     def __init__(self, config: SweepConfig):
-        if config.parameterization not in ("derived", "standard"):
-            raise MupError(f"parameterization must be 'derived' or 'standard', got {config.parameterization!r}")
+        if config.alignment is not None and not config.analysed:
+            raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
         if config.depths and (len(set(config.widths)) != 1 or len(set(config.depths)) < 2 or min(config.depths) < 1
                               or config.parameterization != "derived"):
             raise MupError(f"a depth sweep needs one width, at least two distinct positive depths and the derived "
@@ -135,9 +148,9 @@ class Sweep:
         self.base_width = min(config.widths)
         self.base_depth = min(config.depths) if config.depths else None
         self.train_text, self.val_text = split_corpus(load_corpus())
-        source = generated_source(self.rule)  # the parameterization, and the roles of every parameterization
+        source = generated_source(self.rule, config)  # the parameterization, and every parameterization's roles
         self.module = import_source(source)
-        self.generated = self.module if config.parameterization == "derived" or \
+        self.generated = self.module if config.parameterization != "standard" or \
             self.rule.implementation.cls is None else None
         with torch.random.fork_rng(devices=[]):  # the base is real, as a user passes it (and as the coordinate
             torch.manual_seed(0)  # check builds it): values such as a scaled embedding's factor are read from it
@@ -146,7 +159,7 @@ class Sweep:
             self.delta = self.build(2 * self.base_width, self.base_depth)
         roles = parameter_roles(self.module, self.base, self.base, self.delta)
         self.hidden = {name for name, role in roles.items() if role == "hidden"}
-        if config.parameterization == "derived":
+        if config.parameterization != "standard":
             self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width,
                                 "delta_width": 2 * self.base_width}
             if config.depths:
@@ -155,11 +168,11 @@ class Sweep:
             self.setup = {"generated_optimizer": digest(source), "init": "default", "width_ratios": 1}
         else:
             self.setup = standard_setup(self.rule)
-        self.setup_sha256 = digest(source) if config.parameterization == "derived" else digest(
+        self.setup_sha256 = digest(source) if config.parameterization != "standard" else digest(
             json.dumps(self.setup, sort_keys=True))
         self.identity = {
             "protocol": PROTOCOL, "rule_sha256": self.rule.digest, "convention": CONVENTION,
-            "parameterization": config.parameterization, "setup": self.setup, "model": config.model.to_json(),
+            "parameterization": config.label, "setup": self.setup, "model": config.model.to_json(),
             "steps": config.steps, "batch_size": config.batch_size, "warmup": config.warmup,
             "window": config.window, "explode": config.explode, "eval_batches": config.eval_batches,
             "corpus_sha256": digest(self.train_text + self.val_text),
@@ -186,7 +199,7 @@ class Sweep:
         """
         if self.generated is None:
             return standard_optimizer(self.setup, model, self.hidden, lr)
-        if self.config.parameterization == "derived":  # delta: a model at the base width itself keeps its roles
+        if self.config.parameterization != "standard":  # delta: a model at the base width itself keeps its roles
             width_only = {} if self.config.depth_scaling else {"depth_base": model}  # its own depth base
             mup = self.generated.MuP(model, self.base, delta=self.delta, **width_only)
             mup.initialize_()
@@ -216,7 +229,7 @@ class Sweep:
                 status, diverged_step, train_loss, val_loss = "diverged", c.steps, None, None
         return Run(
             key=self.key(scale, lr, seed), sweep=self.sweep_id, rule=self.rule.name, rule_sha256=self.rule.digest,
-            model=c.model.name, parameterization=c.parameterization, setup_sha256=self.setup_sha256,
+            model=c.model.name, parameterization=c.label, setup_sha256=self.setup_sha256,
             width=width, lr=lr, seed=seed, steps=c.steps, batch_size=c.batch_size, status=status,
             diverged_step=diverged_step, train_loss=train_loss, val_loss=val_loss, losses=result.losses,
             wall_s=time.perf_counter() - start, device=str(self.device), torch_version=torch.__version__,
@@ -224,14 +237,20 @@ class Sweep:
             | ({"depths": list(c.depths)} if c.depths else {}), depth=depth)
 
 
-def generated_source(rule) -> str:
-    """The generated module's source for `rule` (spectral convention, default depth tables)."""
+def generated_source(rule, config: SweepConfig | None = None) -> str:
+    """The generated module's source for `rule`: derived (spectral convention), or the analysed parameterization
+    of ``config`` (its roles serve the standard parameterization too); the derived one with the default depth
+    tables."""
     try:
         from mupderive.codegen import generate
     except ImportError as exc:
         raise MupError(f"code generation (mupderive.codegen) is not available ({exc}); "
                        "use --parameterization standard") from None
-    return generate(derive(rule, CONVENTION, depth=Depth()))
+    if config is None or not config.analysed:
+        return generate(derive(rule, CONVENTION, depth=Depth()))
+    from mupderive.parameterized import analysed
+
+    return generate(analysed(rule, config.parameterization, config.alignment))
 
 
 def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequence[tuple[int, float, int]] | None = None,
@@ -251,7 +270,7 @@ def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequenc
     keys = [sweep.key(*point) for point in plan]
     done = sum(store.has(key) for key in keys)
     with tqdm(total=len(plan), initial=done, unit="run", disable=not progress, dynamic_ncols=True,
-              desc=f"{sweep.rule.name} {sweep.config.parameterization}") as bar:
+              desc=f"{sweep.rule.name} {sweep.config.label}") as bar:
         def started(point: tuple[int, float, int]) -> None:
             bar.set_postfix({sweep.config.axis: point[0], "lr": f"{point[1]:.3g}"})
 
@@ -438,7 +457,8 @@ def report(sweep: Sweep, runs: Sequence[Run], train: Summary | None = None) -> d
     depth = {"depths": list(c.depths), "depth_scaling": c.depth_scaling} if c.depths else {}
     return {
         "schema": SCHEMA, "rule": sweep.rule.name, "rule_sha256": sweep.rule.digest,
-        "parameterization": c.parameterization, "model": c.model.to_json(), "widths": list(c.widths), **depth,
+        "parameterization": c.parameterization, "alignment": c.alignment if c.analysed else None,
+        "model": c.model.to_json(), "widths": list(c.widths), **depth,
         "lrs": list(c.lrs), "steps": c.steps, "batch_size": c.batch_size, "seeds": c.seeds,
         "device": str(sweep.device), "torch_version": torch.__version__, "sweep": sweep.sweep_id,
         "runs": len(runs), "diverged": sum(r.status == "diverged" for r in runs),
@@ -457,7 +477,7 @@ def title_of(sweep: Sweep) -> str:
     if c.depths:
         model = f"{c.model.kind} at width {c.widths[0]}"
     scaling = "" if not c.depths else ", depth-scaled" if c.depth_scaling else ", width-only"
-    return (f"{sweep.rule.name}, {c.parameterization} parameterization{scaling}: {model}, {c.steps} steps, "
+    return (f"{sweep.rule.name}, {c.label} parameterization{scaling}: {model}, {c.steps} steps, "
             f"batch {c.batch_size}, {c.seeds} seed(s), {sweep.device}")
 
 
@@ -476,8 +496,8 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
 def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None = None,
                 widths: Sequence[int] | None = None, lrs: Sequence[float] | None = None, steps: int | None = None,
                 batch_size: int | None = None, seeds: int = 1, parameterization: str = "derived",
-                device: str = "auto", depths: Sequence[int] | None = None, depth_scaling: bool = True
-                ) -> SweepConfig:
+                device: str = "auto", alignment: str | None = None, depths: Sequence[int] | None = None,
+                depth_scaling: bool = True) -> SweepConfig:
     """A sweep from the full or quick preset; every argument given explicitly wins over the preset.
 
     ``model``: ``mlp``, ``gpt``, ``FILE.py:FUNC[:TASK]`` or a :class:`~mupderive.verify.user.UserTask` (a model of
@@ -494,7 +514,7 @@ def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None 
         kind = model or preset.model
         if kind not in ("mlp", "gpt"):
             raise MupError(f"--model {kind!r}: expected mlp, gpt or FILE.py:FUNC[:TASK]")
-        spec = ModelSpec(kind, attn_scale="mup" if parameterization == "derived" else "standard")
+        spec = ModelSpec(kind, attn_scale="standard" if parameterization == "standard" else "mup")
         if quick:
             spec = replace(spec, depth=3, context=4, block_size=32)
     if lrs is None:
@@ -508,7 +528,8 @@ def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None 
     if depths:
         widths = widths if len(widths) == 1 else widths[:1]
     return SweepConfig(rule, spec, widths, tuple(sorted(set(lrs))), steps, batch_size, seeds, parameterization,
-                       device, depths=tuple(sorted(set(depths or ()))), depth_scaling=depth_scaling)
+                       device, alignment=alignment, depths=tuple(sorted(set(depths or ()))),
+                       depth_scaling=depth_scaling)
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -518,7 +539,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         widths=_numbers(args.widths, int, "--widths") if args.widths else None,
         lrs=_numbers(args.lrs, float, "--lrs") if args.lrs else None, steps=args.steps,
         batch_size=args.batch_size, seeds=args.seeds, parameterization=args.parameterization, device=args.device,
-        depths=_numbers(args.depths, int, "--depths") if args.depths else None,
+        alignment=args.alignment, depths=_numbers(args.depths, int, "--depths") if args.depths else None,
         depth_scaling=not args.no_depth_scaling)
 
 
@@ -539,7 +560,7 @@ def command(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         c = sweep.config
         depth = "" if not c.depths else "-depth" if c.depth_scaling else "-depth-width-only"
-        stem = f"transfer-{sweep.rule.name}-{c.parameterization}-{c.model.name}{depth}"
+        stem = f"transfer-{sweep.rule.name}-{c.label}-{c.model.name}{depth}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(train, title, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png", file=sys.stderr)

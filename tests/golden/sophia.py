@@ -119,6 +119,11 @@ RULE = "sophia"
 RULE_SHA256 = "c17458c515f09846fa847f1740344c3f69d131d89991b391790f7a4384d112ac"
 CONVENTION = "spectral"
 FIXES = ()
+# "derived" (the spectral condition's exponents, spectral base stds), or the analysed parameterization these
+# exponents come from (mupderive analyze: sp, ntk, mup, mfp or a table, under ALIGNMENT), which starts from the
+# standard base stds (fan_in**-1/2; 1 for an Embedding).
+PARAMETERIZATION = "derived"
+ALIGNMENT = None
 # Width exponents per role (exact rationals as text): the multiplier, the init std, the learning rate and every
 # scale-carrying hyperparameter of the rule that role uses.
 EXPONENTS = {
@@ -334,7 +339,9 @@ class MuP:
           spectral-condition std at its base shape, fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); an Embedding's
           sigma_base is dim_base**-1/2 whatever the vocabulary: unit-norm token vectors at the base width, entries
           of a width-independent size (E_init 0) beyond it; a tied tensor's readout use then starts at its own
-          spectral value dim_base**-1/2 too, so logits are ~ 1 at the base;
+          spectral value dim_base**-1/2 too, so logits are ~ 1 at the base; under an analysed PARAMETERIZATION
+          (not "derived") sigma_base is the standard std, fan_in**-1/2 (1 for an Embedding), so sp draws the
+          standard init at every width;
         - every parameter named ``bias``, whatever its role: 0;
         - the 1-D weight of a normalization layer (LayerNorm, RMSNorm, GroupNorm, BatchNorm) of role vector:
           ratio**E_init (1 in the spectral and mup-package conventions);
@@ -657,12 +664,14 @@ def _axes(layout: str, ndim: int) -> tuple[int, tuple[int, ...]]:
 
 def _base_std(base: tuple[int, ...], layout: str) -> float:
     """The spectral-condition std at the base shape: fan_in**-1/2 * min(1, sqrt(fan_out / fan_in)); for an
-    Embedding dim_base**-1/2, whatever the vocabulary (unit-norm token vectors at the base width)."""
+    Embedding dim_base**-1/2, whatever the vocabulary (unit-norm token vectors at the base width). An analysed
+    PARAMETERIZATION starts from the standard std instead: fan_in**-1/2, and 1 for an Embedding."""
     out_axis, in_axes = _axes(layout, len(base))
+    standard = PARAMETERIZATION != "derived"
     if layout == "embedding":
-        return base[out_axis] ** -0.5
+        return 1.0 if standard else base[out_axis] ** -0.5
     fan_out, fan_in = base[out_axis], math.prod(base[axis] for axis in in_axes)
-    return fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
+    return fan_in ** -0.5 * (1.0 if standard else min(1.0, math.sqrt(fan_out / fan_in)))
 
 
 def _scaling(shape: tuple[int, ...], base: tuple[int, ...], name: str) -> tuple[bool, ...]:

@@ -26,8 +26,9 @@ import itertools
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 
@@ -42,9 +43,12 @@ from mupderive.derivation import Derivation, derive, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
+from mupderive.parameterized import analysed, predicted_slopes
 from mupderive.solver import Fix
 from mupderive.verify.coord import depth as depth_module
-from mupderive.verify.coord.judge import DepthTargets, Expect, Targets, diagnose, judge
+from mupderive.verify.coord.alignment import QUANTITIES as ALIGNMENT
+from mupderive.verify.coord.alignment import fit_alignment
+from mupderive.verify.coord.judge import DepthTargets, Expect, Targets, checkpoints, diagnose, judge
 from mupderive.verify.coord.layers import ATTENTION, forward_order, layer_roles
 from mupderive.verify.coord.measure import train_and_measure
 from mupderive.verify.coord.result import CoordCheck
@@ -154,7 +158,9 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
               lr: float | None = None, tolerance: float = TOLERANCE, device: str = "cpu",
               convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
               options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False,
-              depths: tuple[int, ...] | list[int] | None = None, depth_scaling: bool = True) -> CoordCheck:
+              alignment: str | Mapping[str, Mapping[str, object]] | None = None,
+              measure_alignment: bool = False, depths: tuple[int, ...] | list[int] | None = None,
+              depth_scaling: bool = True) -> CoordCheck:
     """Run a coordinate check; ``rule`` may be a ready :class:`Derivation` (e.g. a deliberately altered one).
 
     ``task``: :class:`MLPTask` (default), :class:`GPTTask` or :class:`~mupderive.verify.user.UserTask` (your own
@@ -166,6 +172,12 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     depth)``), the base the shallowest, slopes against depth (:mod:`~mupderive.verify.coord.depth` matches the layers
     across depths and adds the residual stream). ``depth_scaling=False`` applies the width-only module (the model
     as its own depth base: no branch multiplier, no depth factor), the negative control.
+
+
+    ``parameterization``: derived, standard, or an analysed one (sp, ntk, mup, mfp, a table, or a path to a JSON
+    table) under ``alignment`` (full by default; :mod:`mupderive.parameterized`): the generated module of that
+    analysis, each layer judged against the slopes the analysis predicts for its role. ``measure_alignment``: also
+    fit every weight matrix's alignment exponents (:mod:`~mupderive.verify.coord.alignment`, ``result.alignment``).
     """
     start = time.perf_counter()
     task = task or MLPTask()
@@ -179,21 +191,33 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
                        "width-only module); --parameterization standard does not apply")
     if not depth_scaling and depths is None:
         raise MupError("--no-depth-scaling applies to a depth check (--depths)")
+    if alignment is not None and parameterization in ("derived", "standard"):
+        raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
     if parameterization == "derived":
         derivation = derivation or derive(rule, convention, fixes, options, depth=Depth())
         module = generated_module(derivation)
         targets = Targets(init_targets(derivation), None)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
                      for role, layer in derivation.layers.items()}
-    elif parameterization == "standard":
+    elif parameterization != "standard":
+        if fixes or options or convention != "spectral" or derivation is not None:
+            raise MupError(f"--parameterization {parameterization}: the analysis fixes every knob, so a derivation, "
+                           f"--fix, --set and --convention apply to the derived parameterization only")
+        derivation = analysed(rule, parameterization, alignment)
+        module = generated_module(derivation)
+        slopes = {role: {k: float(v) for k, v in row.items()} for role, row in
+                  predicted_slopes(derivation.analysis).items()}
+        targets = Targets({"output": Expect("=", slopes["output"]["init"])}, None, slopes)
+        exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
+                     for role, layer in derivation.layers.items()}
+        parameterization = derivation.tag
+    else:
         if derivation is not None or fixes or options:
             raise MupError("a derivation, --fix and --set apply to the derived parameterization only")
         setup = Standard(rule, lr)
         module = generated_module(derive(rule, convention))  # only for the parameter roles
         task = replace(task, attn_scale="standard") if isinstance(task, GPTTask) else task
         targets, exponents = Targets({}, standard_predictions(rule, task, convention)), None
-    else:
-        raise MupError(f"unknown parameterization {parameterization!r}; expected derived or standard")
     train, val = split_corpus(load_corpus())
     eval_x, eval_y = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))
     base_depth = None if depths is None else scales[0]
@@ -203,10 +227,11 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     if depths is not None:
         layers = {name: layers.get(name, "stream") for name in names_of(base_depth)}
         targets = replace(targets, depth=DepthTargets(float(derivation.depth.alpha)))
-    setup = Derived(module, base, delta, lr, depth_scaling) if parameterization == "derived" else setup
+    setup = setup if parameterization == "standard" else Derived(module, base, delta, lr, depth_scaling)
     setup.bind(roles)
     rms = np.zeros((seeds, len(scales), steps + 1, len(layers), 4))
     loss = np.zeros((seeds, len(scales), steps))
+    terms = np.zeros((seeds, len(scales), steps + 1, len(layers), len(ALIGNMENT))) if measure_alignment else None
     bar = tqdm(total=seeds * len(scales), desc=f"coord-check {rule.name} {task.name} {parameterization}",
                file=sys.stderr, disable=not progress, leave=False)
     stream = task.batches(train, torch.Generator().manual_seed(first_seed), device, task.batch_size)
@@ -222,14 +247,18 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
                 model.to(device)
                 optimizer = setup.prepare(model, torch.Generator(device=device).manual_seed(init_seed))
                 run = train_and_measure(model, optimizer, names_of(depth), batches, eval_x, needs_graph(optimizer),
-                                        task.loss)
+                                        task.loss, measure_alignment)
                 rms[s, w], loss[s, w] = run.rms.numpy(), run.loss.numpy()
+                if terms is not None:
+                    terms[s, w] = run.terms.numpy()
                 bar.update()
     checks = judge(rms, scales, layers, tolerance, targets)
     failures = diagnose(rms, scales, layers, checks, tolerance, "n" if depths is None else "L")
+    fitted = None if terms is None else fit_alignment(terms, scales, layers, checkpoints(rms), {
+        role: float(Fraction(row.get("multiplier", "0"))) for role, row in (exponents or {}).items()})
     return CoordCheck(rule, task, parameterization, convention, widths, steps, seeds, lr, tolerance, device, layers,
-                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start,
-                      None if depths is None else scales, depth_scaling)
+                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start, fitted,
+                      depths=None if depths is None else scales, depth_scaling=depth_scaling)
 
 
 class _NoCheck:

@@ -9,13 +9,15 @@ input (one line on stderr, from :class:`~mupderive.errors.MupError`).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from mupderive.errors import MupError
 from mupderive.solver import parse_fix
+from mupderive.verify.coord.alignment import document, text_table
 from mupderive.verify.coord.check import run_check
 from mupderive.verify.coord.report import write_outputs
-from mupderive.verify.coord.result import text_report
+from mupderive.verify.coord.result import CoordCheck, text_report
 from mupderive.verify.coord.task import GPTTask, MLPTask, Task
 from mupderive.verify.train import resolve_device
 from mupderive.verify.user import load_task
@@ -37,17 +39,35 @@ def task_of(model: str) -> Task:
     return load_task(model)
 
 
+def write_alignment(result: CoordCheck, path: Path) -> None:
+    """The ``mupderive.alignment/1`` table of a check run with measure_alignment, written atomically."""
+    from mupderive.codegen.generate import write_atomically
+
+    about = {"rule": result.rule.name, "model": result.task.name, "parameterization": result.parameterization,
+             "widths": result.widths, "steps": result.steps, "seeds": result.seeds, "lr": result.lr}
+    write_atomically(path, json.dumps(document(result.alignment, about), indent=2) + "\n")
+
+
 def command(args: argparse.Namespace) -> int:
     """The CLI entry: run, print the table and verdict, write JSON and plots to ``--out``; 0 iff every layer passes."""
     from mupderive.commands import _options
 
+    if args.measure_alignment is not None and not args.measure_alignment.endswith(".json"):
+        raise MupError(f"--measure-alignment {args.measure_alignment}: expected a .json path to write the table to")
+    if args.measure_alignment is not None and not Path(args.measure_alignment).resolve().parent.is_dir():
+        raise MupError(f"--measure-alignment {args.measure_alignment}: its directory does not exist")
     task = task_of(args.model)
     result = run_check(args.rule, task, args.parameterization, _widths(args.widths), args.steps, args.seeds,
                        args.lr, args.tolerance, resolve_device(args.device), args.convention,
                        [parse_fix(text) for text in args.fix], _options(args.set), progress=True,
+                       alignment=args.alignment, measure_alignment=args.measure_alignment is not None,
                        depths=_widths(args.depths, "--depths") if args.depths else None,
                        depth_scaling=not args.no_depth_scaling)
     print(text_report(result))
+    if args.measure_alignment is not None:
+        print(text_table(result.alignment))
+        write_alignment(result, Path(args.measure_alignment))
+        print(f"wrote {args.measure_alignment}")
     if args.out:
         for path in write_outputs(result, Path(args.out)):
             print(f"wrote {path}")

@@ -15,6 +15,11 @@ its initial weights pass on a vanishing share of the change below; its activatio
 tensor producing the logits) is judged the same way, its init slope the tied derivation's readout multiplier +
 embedding init + 1/2.
 
+Under an analysed parameterization (``--parameterization sp|ntk|mup|mfp|TABLE.json``) the target of every slope of a
+role is what the analysis predicts for it (``Targets.slopes``, :func:`mupderive.parameterized.predicted_slopes`):
+0 where the layer keeps its scale, the init exponent where it starts small (Everett's muP readout: -1/2), the
+change where the analysis says it grows or vanishes.
+
 Attention logits (role ``attention``) own no weight, so have no own-update effect. ``s q.k`` sums head_dim terms:
 incoherently at init (~ head_dim^1/2), coherently once training has correlated q and k (~ head_dim), so under
 s = 1/head_dim the logits and their change lie between ~ head_dim^-1/2 and ~ 1, and under 1/sqrt(head_dim) between
@@ -135,10 +140,15 @@ class Targets:
     ``attention``; derived: the derivation's exponent where it fixes one; at most 0 otherwise).
     ``predictions``: None for the derived parameterization (the engine predicts the targets), else the standard
     parameterization's first-step ``change`` and ``effect`` exponents per layer (empty for the GPT).
+    ``slopes``: an analysed parameterization's predicted slope per role (``init``, ``activation``, ``change``,
+    ``effect``; :func:`mupderive.parameterized.predicted_slopes`), the targets in place of flat ones: a slope
+    equals its prediction, an activation whose init and change differ lies between the two (a crossover at
+    finite width).
     """
 
     init: dict[str, Expect]
     predictions: dict[str, dict[str, float]] | None
+    slopes: dict[str, dict[str, float]] | None = None
     depth: DepthTargets | None = None  # a depth check's targets (then ``init`` and the roles' are not used)
 
     @property
@@ -151,6 +161,8 @@ class Targets:
             return self.depth.target(layer, role, quantity)
         if role == "attention":
             return BETWEEN_LIMITS
+        if self.slopes is not None and role in self.slopes:
+            return _predicted(self.slopes[role], quantity, checkpoint)
         if role not in READOUTS:
             return FLAT
         if checkpoint == "init":
@@ -168,6 +180,16 @@ class Targets:
         if checkpoint == "first":
             return Expect("=", value)
         return None if value == 0 else Expect(">" if value > 0 else "<")
+
+
+def _predicted(row: dict[str, float], quantity: str, checkpoint: str) -> Expect:
+    """One role's predicted slope: its init activation at step 0; after it, the change and effect exactly and the
+    activation between its init and its change."""
+    if checkpoint == "init":
+        return Expect("=", row["init"])
+    if quantity == "activation" and row["init"] != row["change"]:
+        return Expect("in", min(row["init"], row["change"]), max(row["init"], row["change"]))
+    return Expect("=", row[quantity])
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ change since initialization, ``input`` = rms(q) rms(k) (what the logits inherit 
 ``effect`` (0: they own no weight). So do residual blocks recorded as the stream (a depth check's ``stream``
 layers: a block's output is the residual stream after it).
 
+With ``alignment=True`` each layer holding a weight matrix also records, after every step, the rms of the three terms
+of its output change and of what they multiply (:mod:`alignment`: ``dW z0``, ``W0 dz``, ``dW dz``, ``dW``, ``W0``,
+``z0``, ``dz``).
+
 All values stay on the device in one tensor until the run ends, so a run synchronizes with the host once.
 """
 
@@ -30,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mupderive.verify.coord.alignment import QUANTITIES as ALIGNMENT
+from mupderive.verify.coord.alignment import measurable, term_rms
 from mupderive.verify.coord.attention import attention_logits
 from mupderive.verify.coord.attention import rms as _rms
 from mupderive.verify.coord.layers import ATTENTION
@@ -52,6 +58,7 @@ class Run:
 
     rms: torch.Tensor
     loss: torch.Tensor
+    terms: torch.Tensor | None = None  # [step, layer, alignment.QUANTITIES] with alignment=True
 
 
 class _Probe:
@@ -154,12 +161,19 @@ def _with_weight(module: nn.Module, weight: torch.Tensor, inputs: tuple[tuple, d
         module.weight.data = current
 
 
+def _with_input(module: nn.Module, weight: torch.Tensor, inputs: tuple[tuple, dict], x: torch.Tensor) -> torch.Tensor:
+    """The module on input ``x`` (its first positional argument) with ``weight`` in place of its weight."""
+    args, kwargs = inputs
+    return _with_weight(module, weight, ((x, *args[1:]), kwargs))
+
+
 def train_and_measure(model: nn.Module, optimizer: Optimizer, names: list[str], batches: list[tuple[Any, torch.Tensor]],
-                      eval_x: Any, keep_graph: bool, loss_fn: LossFn = loss_of) -> Run:
+                      eval_x: Any, keep_graph: bool, loss_fn: LossFn = loss_of, alignment: bool = False) -> Run:
     """Train one step per batch (``loss_fn``, default cross-entropy) and measure ``names`` (modules and attention
     logits, in forward order) on ``eval_x`` before and after every step.
 
     ``keep_graph``: backward with ``create_graph=True``, for optimizers that estimate the Hessian themselves.
+    ``alignment``: also record the three output-change terms of every weight matrix (:mod:`alignment`).
     """
     steps = len(batches)
     probe = _Probe(model, names)
@@ -168,9 +182,13 @@ def train_and_measure(model: nn.Module, optimizer: Optimizer, names: list[str], 
     losses = torch.zeros(steps, device=device)
     initial = {i: m.weight.detach().clone() for i, m in probe.modules.items()  # a residual block's output (a
                if isinstance(getattr(m, "weight", None), torch.Tensor)}  # stream, no weight of its own): no effect
+    terms = torch.zeros(steps + 1, len(names), len(ALIGNMENT), device=device) if alignment else None
     try:
         probe.run(eval_x)
         h0 = list(probe.outputs)
+        x0 = {i: _first_tensor(probe.inputs[i]) for i in probe.modules}
+        aligned = [i for i, m in probe.modules.items() if terms is not None and measurable(m) and probe.inputs[i][0]
+                   and x0[i] is not None and x0[i].is_floating_point()]
         for i in range(len(names)):
             rms[0, i, 0] = _rms(h0[i])
             rms[0, i, 3] = probe.input_rms(i)
@@ -191,6 +209,10 @@ def train_and_measure(model: nn.Module, optimizer: Optimizer, names: list[str], 
                     if i in initial:
                         rms[step, i, 2] = _rms(h - _with_weight(probe.modules[i], initial[i], probe.inputs[i]))
                     rms[step, i, 3] = probe.input_rms(i)
+                for i in aligned:
+                    module, inputs = probe.modules[i], probe.inputs[i]
+                    terms[step, i] = term_rms(lambda x, w, m=module, a=inputs: _with_input(m, w, a, x), initial[i],
+                                              module.weight.detach(), x0[i], _first_tensor(inputs))
     finally:
         probe.remove()
-    return Run(rms.cpu(), losses.cpu())
+    return Run(rms.cpu(), losses.cpu(), None if terms is None else terms.cpu())

@@ -48,6 +48,8 @@ def to_json(result: CoordCheck) -> dict:
         "rms_layout": f"rms[layer][quantity][step][seed][{r.axis} index]",
         "loss": r.loss.round(6).tolist(), "loss_layout": f"loss[seed][{r.axis} index][step - 1]",
         "readout_init": str(r.targets.readout_init), "predictions": r.targets.predictions,
+        "predicted_slopes": r.targets.slopes,
+        "alignment": None if r.alignment is None else {f.layer: f.to_json() for f in r.alignment},
         "slopes": step_slopes(r), "checks": [c.to_json() for c in r.checks],
         "passed": r.passed, "failures": [{"layer": layer, "message": message} for layer, message in r.failures],
         "seconds": round(r.seconds, 3),

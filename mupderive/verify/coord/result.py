@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mupderive.language.rule import Rule
+from mupderive.verify.coord.alignment import LayerAlignment
 from mupderive.verify.coord.judge import FLAT, JUDGED, Check, Targets, checkpoints
 from mupderive.verify.coord.task import Task
 
@@ -37,6 +38,7 @@ class CoordCheck:
     checks: list[Check] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    alignment: list[LayerAlignment] | None = None  # measure_alignment=True: each weight matrix's fitted alignment
     depths: list[int] | None = None  # a depth check: the depths (``widths`` holds its one width)
     depth_scaling: bool = True  # a depth check: False for the width-only module (--no-depth-scaling)
 
@@ -92,6 +94,9 @@ def text_report(result: CoordCheck) -> str:
              f"{r.device}",
              f"slope of log rms against log {r.axis}, +- 95% CI over seeds x {r.axis}s; target 0 unless shown in "
              f"parentheses; '*' = misses its target by more than {r.tolerance:g} + CI; last = {_label(marks['last'])}"]
+    if r.targets.slopes is not None:
+        lines.append(f"{r.parameterization}: every target is the slope `mupderive analyze` predicts for the layer's "
+                     f"role")
     if predictions is not None:
         lines.append("standard parameterization: the engine's prediction in parentheses" if predictions else
                      "standard parameterization: the engine has no per-layer prediction for this model")
@@ -113,7 +118,9 @@ def text_report(result: CoordCheck) -> str:
     lines += ["", f"training loss at step {r.steps}, before its update (mean over seeds{chance}): "
               + "  ".join(f"{w}: {v:.3f}" for w, v in zip(r.scales, final, strict=True))]
     if r.passed:
-        lines.append(f"PASS: every layer keeps its scale across {r.axis}s ({r.seconds:.1f} s)")
+        lines.append(f"PASS: every layer's slopes are the analysis's predictions ({r.seconds:.1f} s)"
+                     if r.targets.slopes is not None else
+                     f"PASS: every layer keeps its scale across {r.axis}s ({r.seconds:.1f} s)")
     else:
         lines.append(f"FAIL: {len(r.failures)} of {len(r.layers)} layers fail the check ({r.seconds:.1f} s)")
         lines += [f"  {message}" for _, message in r.failures]
