@@ -63,7 +63,7 @@ def parameterized(rule: Rule | str, parameterization: Spec = "sp", alignment: Sp
             raise MupError(f"{role}: the analysis balanced {sorted(a.hyper)}, the derivation {sorted(layer.hyper)}")
         layers[role] = LayerDerivation(role, layer.rule, layer.fan_out, layer.fan_in, a.multiplier, a.init_std, a.lr,
                                        dict(a.hyper), {}, layer.kappa, a.balanced, (*layer.notes,))
-    return ParameterizedDerivation(rule, derived.convention, (), layers, {}, None, derived.attention, result)
+    return ParameterizedDerivation(rule, derived.convention, (), layers, {}, None, derived.attention, analysis=result)
 
 
 def analysed(rule: Rule | str, parameterization: Spec, alignment: Spec | None = None) -> ParameterizedDerivation:
