@@ -29,7 +29,9 @@ examples:
   mupderive oracle sophia                      # measure the real optimizer at several widths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
   mupderive coord-check adam --model gpt --parameterization sp --alignment full   # SP with per-layer lrs
+  mupderive coord-check adamw --model gpt --depths 2,4,8,16 --widths 64   # ... across depth
   mupderive transfer adamw --store sweep.db    # learning-rate transfer sweep
+  mupderive transfer adamw --depths 2,4,8,16 --widths 64   # ... across depth
 """
 
 
@@ -58,6 +60,13 @@ def _depth_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
                         "Depth-muP)")
     p.add_argument("--alpha", default=None, metavar="A",
                    help="impose the branch multiplier L^-A (a rational such as 1/2); the output says what breaks")
+
+
+def _depth_sweep_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--depths", default=None, metavar="D1,D2,...", help=f"comma-separated depths: {what}")
+    p.add_argument("--no-depth-scaling", action="store_true",
+                   help="with --depths: apply the generated module width-only (no branch multiplier, no depth "
+                        "factor; the model as its own depth base), the baseline the depth scaling is tested against")
 
 
 def _parameterization_args(p: argparse.ArgumentParser, standard: bool = False) -> None:
@@ -162,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     _rule_arg(p)
     _convention_args(p)
     _parameterization_args(p)
+    p.add_argument("--branch-matrices", type=int, default=None, metavar="K",
+                   help="matrices stacked in one residual branch, for the depth tables (default 2: alpha = 1, "
+                        "CompleteP; 1: alpha = 1/2, Depth-muP)")
+    p.add_argument("--alpha", default=None, metavar="A",
+                   help="impose the branch multiplier L^-A (a rational such as 1/2); the module says what breaks")
     p.add_argument("-o", "--output", required=True, metavar="FILE.py", help="where to write the module")
 
     p = sub.add_parser("oracle", help="measure the real optimizer against the derivation", formatter_class=fmt,
@@ -211,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fit Everett et al.'s alignment exponents of every weight matrix (its output change "
                         "terms dW z0, W0 dz, dW dz against coherent n^1 and incoherent n^1/2 sums over fan_in) and "
                         "write the table `analyze --alignment FILE.json` reads")
+    _depth_sweep_args(p, "check the depth instead: train at the smallest of --widths with D residual blocks each "
+                         "(gpt, or FUNC(width, depth) of your own), slopes against depth; the residual stream after "
+                         "matched blocks is judged too")
     p.add_argument("--out", default=None, metavar="DIR", help="write JSON and PNG plots here")
 
     p = sub.add_parser("transfer", help="learning-rate transfer sweep", formatter_class=fmt,
@@ -233,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _parameterization_args(p, standard=True)
     p.add_argument("--quick", action="store_true",
                    help="a small sweep for smoke tests: depth-3 mlp, widths 32,64,128, 5 lrs, 20 steps")
+    _depth_sweep_args(p, "sweep the depth instead: train at one width (the first of --widths, default 64) with D "
+                         "residual blocks each (gpt, or FUNC(width, depth) of your own); the drift is across depths")
     p.add_argument("--store", default="mupderive-transfer.db", metavar="FILE",
                    help="SQLite results store: finished runs are skipped, so an interrupted sweep resumes")
     p.add_argument("--executor", default="local", choices=["local", "ray"],

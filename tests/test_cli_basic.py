@@ -24,12 +24,12 @@ CORE_OPTIONS = {
     "explain": ["RULE", "--convention", "--layer", "--format"],
     "compare": ["RULE", "TABLE.json", "--format"],
     "analyze": ["RULE", "--parameterization", "--alignment", "--format"],
-    "generate": ["RULE", "--output", "--parameterization", "--alignment"],
+    "generate": ["RULE", "--output", "--parameterization", "--alignment", "--branch-matrices", "--alpha"],
     "oracle": ["RULE", "--widths", "--device", "--steps", "--tolerance", "--out"],
     "coord-check": ["RULE", "--widths", "--model", "--steps", "--seeds", "--parameterization", "--alignment",
-                    "--measure-alignment"],
+                    "--measure-alignment", "--depths", "--no-depth-scaling"],
     "transfer": ["RULE", "--widths", "--model", "--lrs", "--store", "--executor", "--ray-address",
-                 "--parameterization", "--alignment"],
+                 "--parameterization", "--alignment", "--depths", "--no-depth-scaling"],
 }
 
 

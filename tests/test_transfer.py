@@ -1,5 +1,6 @@
 """Tests for learning-rate transfer: optimum interpolation, summaries, resumable and shared sweeps, divergence, CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.verify.store import Run, Store
 from mupderive.verify.train import Chain, ModelSpec, constructor_kwargs, hidden_matrices, needs_graph
-from mupderive.verify.transfer import Sweep, find_optimum, make_config, run_sweep, summarize
+from mupderive.verify.transfer import Sweep, find_optimum, make_config, run_sweep, summarize, table
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
@@ -324,3 +325,74 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
 def test_cli_user_errors_exit_2(tmp_path, capsys, bad):
     assert main(["transfer", "adamw", "--quick", "--store", str(tmp_path / "s.db"), *bad]) == 2
     assert capsys.readouterr().err.startswith("mupderive: ")
+
+
+# ---- depth sweeps ----
+
+def depth_sweep(**changes):
+    """A depth sweep of the GPT at width 16: depths 1 and 2, two lrs, two steps."""
+    options = dict(model="gpt", widths=[16], depths=[1, 2], lrs=[1e-3, 4e-3], steps=2, batch_size=2, device="cpu")
+    return make_config("adamw", **options | changes)
+
+
+def test_a_depth_sweep_stores_each_depth_and_summarizes_across_depths(tmp_path):
+    from mupderive.verify.transfer import report
+
+    config = dataclasses.replace(depth_sweep(), model=dataclasses.replace(depth_sweep().model, block_size=8))
+    sweep = Sweep(config)
+    assert sweep.plan() == [(d, lr, 0) for lr in (1e-3, 4e-3) for d in (1, 2)]
+    width_only = Sweep(dataclasses.replace(config, depth_scaling=False))
+    assert width_only.sweep_id != sweep.sweep_id and width_only.key(2, 1e-3, 0) != sweep.key(2, 1e-3, 0)
+    with Store(tmp_path / "s.db") as store:
+        runs = run_sweep(sweep, store, progress=False)
+    assert {(r.width, r.depth) for r in runs} == {(16, 1), (16, 2)}
+    summary = summarize(runs, config.depths, config.lrs, "train", "depth")
+    assert summary.axis == "depth" and set(summary.losses) == {1, 2}
+    assert all(v is not None for row in summary.losses.values() for v in row)
+    document = report(sweep, runs)
+    assert document["depths"] == [1, 2] and document["depth_scaling"] is True
+    assert [row["depth"] for row in document["train"]["per_depth"]] == [1, 2]
+    assert "across depths" in table(summary, "t")
+
+
+def test_the_width_only_baseline_differs_from_the_depth_scaled_module_only_when_deeper():
+    config = depth_sweep()
+    scaled, width_only = Sweep(config), Sweep(dataclasses.replace(config, depth_scaling=False))
+    for depth, same in ((1, True), (2, False)):
+        groups = []
+        for sweep in (scaled, width_only):
+            torch.manual_seed(0)
+            model = sweep.build(16, depth)
+            groups.append([(g["mup_depth"], g["eps"]) for g in sweep.optimizer(model, 16, 1e-3).param_groups])
+        assert (groups[0] == groups[1]) == same
+
+
+def test_a_version_1_store_gains_the_depth_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, sweep TEXT NOT NULL, rule TEXT "
+               "NOT NULL, rule_sha256 TEXT NOT NULL, model TEXT NOT NULL, parameterization TEXT NOT NULL, "
+               "setup_sha256 TEXT NOT NULL, width INTEGER NOT NULL, lr REAL NOT NULL, seed INTEGER NOT NULL, "
+               "steps INTEGER NOT NULL, batch_size INTEGER NOT NULL, status TEXT NOT NULL, diverged_step INTEGER, "
+               "train_loss REAL, val_loss REAL, losses TEXT NOT NULL, wall_s REAL NOT NULL, device TEXT NOT NULL, "
+               "torch_version TEXT NOT NULL, config TEXT NOT NULL, finished_at TEXT NOT NULL DEFAULT 'x')")
+    db.execute("INSERT INTO runs (key, sweep, rule, rule_sha256, model, parameterization, setup_sha256, width, lr, "
+               "seed, steps, batch_size, status, losses, wall_s, device, torch_version, config) VALUES ('k', 's', "
+               "'adamw', '', 'mlp', 'derived', '', 32, 0.001, 0, 1, 1, 'ok', '[]', 0.0, 'cpu', '', '{}')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        (run,) = store.runs()
+    assert run.width == 32 and run.depth is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(depths=[2]), "at least two distinct positive depths"),
+    (dict(parameterization="standard"), "the derived parameterization"),
+])
+def test_bad_depth_sweeps_are_refused(changes, message):
+    with pytest.raises(MupError, match=message):
+        Sweep(depth_sweep(**changes))

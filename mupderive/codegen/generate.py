@@ -13,6 +13,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Mapping
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def generate(derivation: Derivation, *, backend: str = "auto", options: Mapping[
         "logit_scale": f'"{rational(derivation.attention.logit_scale)}"',
         "tied_conflicts": _tied_conflicts(derivation),
         "decay": _decay_literal(parts),
+        "depth": _depth_context(derivation, parts),
         "helpers": [HELPERS[name] for name in sorted(helpers)] + argument_functions(parts),
         "optimizer_classes": classes,
         "hybrid": len(parts) > 1,
@@ -100,7 +102,7 @@ def _imports(parts: list[Part]) -> list[str]:
     stdlib = ["import fnmatch", "import math", "import re", "import warnings"]
     if len(parts) > 1:
         stdlib.append("from collections import ChainMap")
-    abc = ["Callable", "Mapping", "Sequence"] + (["Iterable"] if any(p.backend == "ir" for p in parts) else [])
+    abc = ["Callable", "Iterable", "Mapping", "Sequence"]
     stdlib += [f"from collections.abc import {', '.join(sorted(abc))}", "from fractions import Fraction",
                "from typing import Any"]
     modules = {safe.class_path(p.rule.implementation.cls)[0] for p in parts if p.backend == "library"}
@@ -122,6 +124,24 @@ def _exponent_lines(derivation: Derivation, parts: list[Part]) -> list[str]:
         cells = [f'"{name}": "{exponent}"' for name, exponent in row.items()]  # names validated with the rule
         lines += fit(f'"{role}": {{{", ".join(cells)}}},')
     return lines
+
+
+def _depth_context(derivation: Derivation, parts: list[Part]) -> dict[str, object] | None:
+    """The DEPTH tables: alpha, the branch multiplier's exponent, what an imposed alpha breaks, and per role the
+    exponents of L / L_base inside a branch (keys as in EXPONENTS); None for a derivation without depth."""
+    depth = derivation.depth
+    if depth is None:
+        return None
+    rows = []
+    for role, layer in depth.layers.items():
+        lr_name = next(p.rule.lr.name for p in parts if role in p.roles)
+        cells = [f'"{lr_name if name == "lr" else name}": "{e}"' for name, e in layer.exponents().items()]
+        rows += fit(f'"{role}": {{{", ".join(cells)}}},')
+    grad = "{" + ", ".join(f'"{role}": "{rational(layer.grad_norm)}"' for role, layer in depth.layers.items()) + "}"
+    breaks = [line for b in depth.breaks for line in fit(f"{safe.literal(safe.text(b))},")]
+    return {"alpha": Fraction(depth.alpha), "branch_matrices": int(depth.branch_matrices),
+            "branch_multiplier": Fraction(depth.branch_multiplier), "breaks": breaks, "rows": rows,
+            "grad_norm": grad}
 
 
 def _parameterization_literals(derivation: Derivation) -> dict[str, str]:
@@ -168,7 +188,8 @@ def command(args: argparse.Namespace) -> int:
         raise MupError(f"-o {args.output}: the output must be a .py file")
     if not output.parent.is_dir():
         raise MupError(f"-o {args.output}: directory {output.parent} does not exist")
-    derivation = analysed_derivation(args) or _derivation(args, [])
+    derivation = analysed_derivation(args) or _derivation(
+        argparse.Namespace(**vars(args), depth=True), [])  # the derived module always has depth (default K = 2)
     source = generate(derivation, options=_options(args.set))
     write_atomically(output, source)
     what = derivation.label if isinstance(derivation, ParameterizedDerivation) else \

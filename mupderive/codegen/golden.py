@@ -1,4 +1,5 @@
-"""Regenerate (or check) the golden modules ``tests/golden/<rule>.py``: every built-in rule, convention spectral.
+"""Regenerate (or check) the golden modules ``tests/golden/<rule>.py``: every built-in rule, convention spectral,
+default depth.
 
     python -m mupderive.codegen.golden           # rewrite the files after an intended change, then review the diff
     python -m mupderive.codegen.golden --check   # exit 1 and name the stale files (what tests/test_codegen.py asserts)
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from mupderive.codegen.generate import generate, write_atomically
+from mupderive.depth import Depth
 from mupderive.derivation import derive
 from mupderive.resources import builtin_rule_names
 
@@ -18,8 +20,8 @@ GOLDEN_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
 
 
 def golden_source(rule: str) -> str:
-    """The module the golden file of ``rule`` must hold."""
-    return generate(derive(rule))
+    """The module the golden file of ``rule`` must hold (with the default depth tables, as ``generate`` writes)."""
+    return generate(derive(rule, depth=Depth()))
 
 
 def stale(directory: Path = GOLDEN_DIR) -> list[str]:

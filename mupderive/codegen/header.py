@@ -10,6 +10,7 @@ from pathlib import Path
 from mupderive.analysis import ALIGNMENTS, EVERETT, Analysis
 from mupderive.codegen import safe
 from mupderive.codegen.parts import Part, bodies
+from mupderive.depth import Depth
 from mupderive.derivation import Derivation, rational
 from mupderive.errors import MupError
 from mupderive.language.rule import Rule
@@ -31,7 +32,7 @@ def header(derivation: Derivation, parts: list[Part], options: Mapping[str, bool
         "command": _command(derivation, options),
         "about": _about(derivation, parts, options),
         "table": _table(document["layers"], document.get("tied")),
-        "extras": _extras(document),
+        "extras": _extras(document) + _depth_lines(derivation),
         "formulas_heading": "General formulas (multiplier 1, where the rule applies):" if analysis is None else
         "What each role does at its learning rate (exponents of the width n):",
         "formulas": _formulas(document["formulas"]) if analysis is None else _analysed(analysis),
@@ -64,6 +65,11 @@ def _command(derivation: Derivation, options: Mapping[str, bool]) -> list[str]:
         words += [f"--parameterization {p if p in EVERETT else 'TABLE.json'}",
                   f"--alignment {a if a in ALIGNMENTS else 'TABLE.json'}"]
     words += [f"--set {name}={str(value).lower()}" for name, value in options.items()]
+    depth = derivation.depth
+    if depth is not None and depth.branch_matrices != Depth().branch_matrices:
+        words.append(f"--branch-matrices {depth.branch_matrices}")
+    if depth is not None and depth.imposed:
+        words.append(f"--alpha {depth.alpha}")
     words.append(f"-o mup_{rule.name}.py")
     lines = [f"    {words[0]}"]
     for word in words[1:]:
@@ -164,6 +170,23 @@ def _extras(document: dict) -> list[str]:
     return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
 
 
+def _depth_lines(derivation: Derivation) -> list[str]:
+    """The depth exponents D (ratio L / L_base) of the roles inside residual branches, and what an imposed alpha
+    breaks (the engine's text, made safe)."""
+    depth = derivation.depth
+    if depth is None:
+        return []
+    lines = [f"Depth (DEPTH): each residual branch's output is multiplied by (L / L_base)^{depth.branch_multiplier} "
+             f"(alpha {depth.alpha}, branches of {depth.branch_matrices} matrices); a parameter inside a block "
+             f"gets (L / L_base)^D on top of r^E, none outside the blocks:"]
+    for role, layer in depth.layers.items():
+        if layer.scope == "branch":
+            cells = {k: e for k, e in layer.exponents().items() if k != "multiplier"}
+            lines.append(f"- {role}: " + ", ".join(f"{safe.text(k)} {e}" for k, e in cells.items()))
+    lines += [f"Imposed alpha: {safe.text(b)}" for b in depth.breaks]
+    return [wrapped for line in lines for wrapped in safe.wrap(line, 116)]
+
+
 def _formulas(formulas: dict) -> list[str]:
     if not formulas:
         return ["(none: the calculus could not decide every case)"]
@@ -190,6 +213,7 @@ def _usage(derivation: Derivation, parts: list[Part], reads_hessian: bool) -> li
              "model = Net(width=1024)",
              "p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})",
              "# at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))",
+             "# depth too: mu.MuP(Net(width=1024, n_layer=32), base=Net(width=64, n_layer=4)) (or depth_base=4)",
              "p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)",
              "# or MuP(model, base, init='keep'): the model's own init times ratio**E_init; zero_query=True",
              f"opt = p.optimizer({', '.join(lrs)})  # decay_vectors=False: biases and gains undecayed",

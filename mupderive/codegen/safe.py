@@ -21,13 +21,14 @@ from mupderive.errors import MupError
 # Names the generated module itself uses; a rule name equal to one of them would shadow it.
 GENERATED_NAMES = frozenset({
     "torch", "math", "nn", "self", "params", "grads", "states", "param", "grad", "state", "group", "options",
-    "foreach", "t", "fan_in", "fan_out", "mup_role", "mup_ratio", "multiplier", "init_std", "step", "base",
+    "foreach", "t", "fan_in", "fan_out", "mup_role", "mup_ratio", "mup_depth", "multiplier", "init_std", "step", "base",
     "groups", "optimizers", "defaults", "value", "decay_vectors",
 })
 # Module-level names of the generated module; a generated optimizer class must not take one.
 MODULE_NAMES = frozenset({
     "MuP", "HybridOptimizer", "Any", "Callable", "ChainMap", "Fraction", "Iterable", "Mapping", "Sequence", "EXPONENTS",
-    "RULE", "RULE_SHA256", "CONVENTION", "FIXES", "RULE_OF_ROLE", "PARAMETERIZATION", "ALIGNMENT",
+    "RULE", "RULE_SHA256", "CONVENTION", "FIXES", "RULE_OF_ROLE", "PARAMETERIZATION", "ALIGNMENT", "DEPTH",
+    "DEPTH_ALPHA", "DEPTH_BRANCH_MATRICES", "DEPTH_BRANCH_MULTIPLIER", "DEPTH_BREAKS", "DEPTH_GRAD_NORM",
 })
 RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins)) | GENERATED_NAMES
 

@@ -16,18 +16,19 @@ from pathlib import Path
 
 from mupderive.errors import MupError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the depth column (a version-1 store gains it, NULL for its runs)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,               -- insertion order
-    key TEXT NOT NULL UNIQUE,             -- sha256 of the run's identity (sweep identity + width + lr + seed)
-    sweep TEXT NOT NULL,                  -- sha256 of the sweep identity (all that fixes a run but width/lr/seed)
+    key TEXT NOT NULL UNIQUE,             -- sha256 of the run's identity (sweep identity + width/depth + lr + seed)
+    sweep TEXT NOT NULL,                  -- sha256 of the sweep identity (all that fixes a run but these)
     rule TEXT NOT NULL,
     rule_sha256 TEXT NOT NULL,            -- sha256 of the rule file
     model TEXT NOT NULL,                  -- 'mlp' | 'gpt'
     parameterization TEXT NOT NULL,       -- 'derived' | 'standard'
     setup_sha256 TEXT NOT NULL,           -- generated module source, or the standard configuration (JSON)
     width INTEGER NOT NULL,
+    depth INTEGER,                        -- a depth sweep's number of blocks (NULL: the model's own depth)
     lr REAL NOT NULL,
     seed INTEGER NOT NULL,
     steps INTEGER NOT NULL,
@@ -71,6 +72,7 @@ class Run:
     device: str
     torch_version: str
     config: dict
+    depth: int | None = None  # a depth sweep's number of blocks (None: the model's own depth, a width sweep)
     id: int | None = None
     finished_at: str | None = None
 
@@ -91,11 +93,13 @@ class Store:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")  # one process creates the schema; the others wait
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
+                if version not in (0, 1, SCHEMA_VERSION):
                     raise MupError(f"{self.path}: store schema version {version}, expected {SCHEMA_VERSION}")
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         self.db.execute(statement)
+                if version == 1:  # a width-only store: its runs keep their own depth
+                    self.db.execute("ALTER TABLE runs ADD COLUMN depth INTEGER")
                 self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise MupError(f"{self.path}: not a usable results store ({exc})") from None

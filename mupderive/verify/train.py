@@ -52,12 +52,16 @@ class ModelSpec:
         if self.kind not in ("mlp", "gpt"):
             raise ValueError(f"model kind must be 'mlp' or 'gpt', got {self.kind!r}")
 
-    def build(self, width: int) -> nn.Module:
-        """A freshly (default-)initialized model of this architecture at `width`, on the current default device."""
+    def build(self, width: int, depth: int | None = None) -> nn.Module:
+        """A freshly (default-)initialized model of this architecture at `width` (the GPT with `depth` blocks, default
+        n_layer), on the current default device."""
         vocab = CharVocab().size
         if self.kind == "mlp":
+            if depth is not None:
+                raise MupError("the MLP has no residual blocks to scale in depth: use --model gpt or your own model")
             return MLP(self.context * vocab, width, vocab, self.depth)
-        return GPT(vocab, width, self.n_layer, self.n_head, self.block_size, self.attn_scale)
+        return GPT(vocab, width, self.n_layer if depth is None else depth, self.n_head, self.block_size,
+                   self.attn_scale)
 
     @property
     def name(self) -> str:

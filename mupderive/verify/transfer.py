@@ -7,6 +7,10 @@ keyed by everything that fixes its result, so a killed sweep resumes where it st
 
 Per width the optimum is the vertex of the parabola through the best grid point and its two neighbours in
 (log2 lr, loss); the drift is max - min of the per-width optima in log2 units (1 = a factor of 2 in lr).
+
+A depth sweep (``depths``) trains at one width across depths instead (``build(width, depth)``, the base the
+shallowest model): ``derived`` is the generated module with its depth scaling (branch multipliers, depth factors),
+``depth_scaling=False`` the same module applied width-only (the model as its own depth base), the baseline.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mupderive.depth import Depth
 from mupderive.derivation import derive
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
@@ -93,6 +98,18 @@ class SweepConfig:
         if not self.analysed:
             return self.parameterization
         return f"{Path(self.parameterization).stem}-{Path(self.alignment or 'full').stem}"
+    depths: tuple[int, ...] = ()  # a depth sweep: the depths, at the one width of ``widths``
+    depth_scaling: bool = True  # a depth sweep: False applies the generated module width-only (the baseline)
+
+    @property
+    def axis(self) -> str:
+        """What the sweep scales: "width", or "depth" for a depth sweep."""
+        return "depth" if self.depths else "width"
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """The swept sizes: the widths, or a depth sweep's depths."""
+        return self.depths or self.widths
 
     @property
     def warmup(self) -> int:
@@ -110,7 +127,14 @@ class Sweep:
     def __init__(self, config: SweepConfig):
         if config.alignment is not None and not config.analysed:
             raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
-        if len(set(config.widths)) < 2 or min(config.widths) < 1:
+        if config.depths and (len(set(config.widths)) != 1 or len(set(config.depths)) < 2 or min(config.depths) < 1
+                              or config.parameterization != "derived"):
+            raise MupError(f"a depth sweep needs one width, at least two distinct positive depths and the derived "
+                           f"parameterization, got widths {list(config.widths)}, depths {list(config.depths)}, "
+                           f"{config.parameterization}")
+        if not config.depths and not config.depth_scaling:
+            raise MupError("--no-depth-scaling applies to a depth sweep (--depths)")
+        if not config.depths and (len(set(config.widths)) < 2 or min(config.widths) < 1):
             raise MupError(f"a transfer sweep needs at least two distinct positive widths, got {list(config.widths)}")
         if not config.lrs or not all(math.isfinite(lr) and lr > 0 for lr in config.lrs):
             raise MupError(f"learning rates must be positive, got {list(config.lrs)}")
@@ -122,6 +146,7 @@ class Sweep:
         self.rule = load_rule(config.rule)
         self.device = resolve_device(config.device)
         self.base_width = min(config.widths)
+        self.base_depth = min(config.depths) if config.depths else None
         self.train_text, self.val_text = split_corpus(load_corpus())
         source = generated_source(self.rule, config)  # the parameterization, and every parameterization's roles
         self.module = import_source(source)
@@ -129,14 +154,16 @@ class Sweep:
             self.rule.implementation.cls is None else None
         with torch.random.fork_rng(devices=[]):  # the base is real, as a user passes it (and as the coordinate
             torch.manual_seed(0)  # check builds it): values such as a scaled embedding's factor are read from it
-            self.base = config.model.build(self.base_width)
+            self.base = self.build(self.base_width, self.base_depth)
         with torch.device("meta"):  # the delta: shapes only
-            self.delta = config.model.build(2 * self.base_width)
+            self.delta = self.build(2 * self.base_width, self.base_depth)
         roles = parameter_roles(self.module, self.base, self.base, self.delta)
         self.hidden = {name for name, role in roles.items() if role == "hidden"}
         if config.parameterization != "standard":
             self.setup: dict = {"generated_module": digest(source), "base_width": self.base_width,
                                 "delta_width": 2 * self.base_width}
+            if config.depths:
+                self.setup |= {"base_depth": self.base_depth, "depth_scaling": config.depth_scaling}
         elif self.generated is not None:  # no library class: the generated optimizer with the model as its own base
             self.setup = {"generated_optimizer": digest(source), "init": "default", "width_ratios": 1}
         else:
@@ -152,12 +179,18 @@ class Sweep:
         }
         self.sweep_id = digest(json.dumps(self.identity, sort_keys=True))
 
-    def plan(self) -> list[tuple[int, float, int]]:
-        """Every (width, lr, seed), widths innermost so the progress estimate averages over widths early."""
-        return [(w, lr, s) for s in range(self.config.seeds) for lr in self.config.lrs for w in self.config.widths]
+    def build(self, width: int, depth: int | None = None) -> torch.nn.Module:
+        """The model at ``width`` (with ``depth`` blocks in a depth sweep)."""
+        return self.config.model.build(width) if depth is None else self.config.model.build(width, depth)
 
-    def key(self, width: int, lr: float, seed: int) -> str:
-        return digest(json.dumps({"sweep": self.sweep_id, "width": width, "lr": lr, "seed": seed}, sort_keys=True))
+    def plan(self) -> list[tuple[int, float, int]]:
+        """Every (width or depth, lr, seed), the scales innermost so the progress estimate averages over them
+        early."""
+        return [(w, lr, s) for s in range(self.config.seeds) for lr in self.config.lrs for w in self.config.scales]
+
+    def key(self, scale: int, lr: float, seed: int) -> str:
+        return digest(json.dumps({"sweep": self.sweep_id, self.config.axis: scale, "lr": lr, "seed": seed},
+                                 sort_keys=True))
 
     def optimizer(self, model: torch.nn.Module, width: int, lr: float):
         """Apply the parameterization to a freshly built model and return its optimizer.
@@ -167,19 +200,22 @@ class Sweep:
         if self.generated is None:
             return standard_optimizer(self.setup, model, self.hidden, lr)
         if self.config.parameterization != "standard":  # delta: a model at the base width itself keeps its roles
-            mup = self.generated.MuP(model, self.base, delta=self.delta)
+            width_only = {} if self.config.depth_scaling else {"depth_base": model}  # its own depth base
+            mup = self.generated.MuP(model, self.base, delta=self.delta, **width_only)
             mup.initialize_()
         else:  # no library class: the generated optimizer with the model as its own base (every ratio 1)
             mup = self.generated.MuP(model, model, delta=model)  # delta=model: every parameter fixed, on purpose
         names = inspect.signature(mup.optimizer).parameters
         return mup.optimizer(**{name: lr for name in names if name == "lr" or name.endswith("_lr")})
 
-    def run(self, width: int, lr: float, seed: int) -> Run:
-        """Train one grid point and return its record (divergence is a result, not an error)."""
+    def run(self, scale: int, lr: float, seed: int) -> Run:
+        """Train one grid point (``scale``: its width, or its depth in a depth sweep) and return its record
+        (divergence is a result, not an error)."""
         c = self.config
+        width, depth = (scale, None) if not c.depths else (c.widths[0], scale)
         start = time.perf_counter()
         torch.manual_seed(seed)
-        model = c.model.build(width).to(self.device)
+        model = self.build(width, depth).to(self.device)
         optimizer = self.optimizer(model, width, lr)
         batches = c.model.batches(self.train_text, torch.Generator().manual_seed(seed), self.device, c.batch_size)
         result = train(model, optimizer, batches, c.steps, c.warmup, c.explode, c.model.loss)
@@ -192,24 +228,26 @@ class Sweep:
             if not math.isfinite(val_loss):
                 status, diverged_step, train_loss, val_loss = "diverged", c.steps, None, None
         return Run(
-            key=self.key(width, lr, seed), sweep=self.sweep_id, rule=self.rule.name, rule_sha256=self.rule.digest,
+            key=self.key(scale, lr, seed), sweep=self.sweep_id, rule=self.rule.name, rule_sha256=self.rule.digest,
             model=c.model.name, parameterization=c.label, setup_sha256=self.setup_sha256,
             width=width, lr=lr, seed=seed, steps=c.steps, batch_size=c.batch_size, status=status,
             diverged_step=diverged_step, train_loss=train_loss, val_loss=val_loss, losses=result.losses,
             wall_s=time.perf_counter() - start, device=str(self.device), torch_version=torch.__version__,
-            config=self.identity | {"rule": c.rule, "widths": list(c.widths), "lrs": list(c.lrs), "seeds": c.seeds})
+            config=self.identity | {"rule": c.rule, "widths": list(c.widths), "lrs": list(c.lrs), "seeds": c.seeds}
+            | ({"depths": list(c.depths)} if c.depths else {}), depth=depth)
 
 
 def generated_source(rule, config: SweepConfig | None = None) -> str:
     """The generated module's source for `rule`: derived (spectral convention), or the analysed parameterization
-    of ``config`` (its roles serve the standard parameterization too)."""
+    of ``config`` (its roles serve the standard parameterization too); the derived one with the default depth
+    tables."""
     try:
         from mupderive.codegen import generate
     except ImportError as exc:
         raise MupError(f"code generation (mupderive.codegen) is not available ({exc}); "
                        "use --parameterization standard") from None
     if config is None or not config.analysed:
-        return generate(derive(rule, CONVENTION))
+        return generate(derive(rule, CONVENTION, depth=Depth()))
     from mupderive.parameterized import analysed
 
     return generate(analysed(rule, config.parameterization, config.alignment))
@@ -234,7 +272,7 @@ def run_sweep(sweep: Sweep, store: Store, progress: bool = True, points: Sequenc
     with tqdm(total=len(plan), initial=done, unit="run", disable=not progress, dynamic_ncols=True,
               desc=f"{sweep.rule.name} {sweep.config.label}") as bar:
         def started(point: tuple[int, float, int]) -> None:
-            bar.set_postfix(width=point[0], lr=f"{point[1]:.3g}")
+            bar.set_postfix({sweep.config.axis: point[0], "lr": f"{point[1]:.3g}"})
 
         pending = [point for point, key in zip(plan, keys, strict=True) if not store.has(key)]
         for run in executor.runs(sweep, pending, lambda point: store.has(sweep.key(*point)), started):
@@ -290,14 +328,15 @@ class Summary:
     """Per-width losses (mean over seeds; None = diverged or missing) and optima of one sweep for one metric."""
 
     metric: str
-    widths: list[int]
+    widths: list[int]  # the swept sizes: widths, or a depth sweep's depths (``axis``)
     lrs: list[float]
     losses: dict[int, list[float | None]]
     optima: dict[int, Optimum] = field(default_factory=dict)
+    axis: str = "width"
 
     @property
     def drift(self) -> float | None:
-        """max - min of the per-width optimal log2 lr (None if some width has no optimum)."""
+        """max - min of the per-width (per-depth) optimal log2 lr (None if some width has no optimum)."""
         values = [o.log2_lr for o in self.optima.values()]
         return None if None in values else max(values) - min(values)
 
@@ -313,7 +352,8 @@ class Summary:
 
     def _repr_markdown_(self) -> str:
         """Jupyter: loss per lr and width (x = diverged), the optimum per width and the drift."""
-        lines = [f"| lr | {' | '.join(f'width {w}' for w in self.widths)} |", "|---" * (len(self.widths) + 1) + "|"]
+        lines = [f"| lr | {' | '.join(f'{self.axis} {w}' for w in self.widths)} |",
+                 "|---" * (len(self.widths) + 1) + "|"]
         for j, lr in enumerate(self.lrs):
             cells = ["x" if self.losses[w][j] is None else f"{self.losses[w][j]:.4f}" for w in self.widths]
             lines.append(f"| {lr:.3g} | {' | '.join(cells)} |")
@@ -322,28 +362,30 @@ class Summary:
             "-" if o.log2_lr is None else f"**{o.log2_lr:.2f}** ({o.kind})" for o in best) + " |")
         drift = "undefined" if self.drift is None else f"{self.drift:.2f}"
         edge = "" if self.reliable else " (not bracketed: an optimum is at the grid edge or missing)"
-        return (f"{self.metric} loss; optimum drift across widths **{drift}** log2 units (grid step "
+        return (f"{self.metric} loss; optimum drift across {self.axis}s **{drift}** log2 units (grid step "
                 f"{self.grid_step:.2f}){edge}\n\n" + "\n".join(lines))
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "drift_log2": self.drift, "reliable": self.reliable,
                 "grid_step_log2": self.grid_step,
-                "per_width": [{"width": w, "losses": self.losses[w], **asdict(self.optima[w]),
-                               "lr": None if self.optima[w].log2_lr is None else 2 ** self.optima[w].log2_lr}
-                              for w in self.widths]}
+                f"per_{self.axis}": [{self.axis: w, "losses": self.losses[w], **asdict(self.optima[w]),
+                                      "lr": None if self.optima[w].log2_lr is None else 2 ** self.optima[w].log2_lr}
+                                     for w in self.widths]}
 
 
-def summarize(runs: Sequence[Run], widths: Sequence[int], lrs: Sequence[float], metric: str = "train") -> Summary:
-    """Average seeds per (width, lr) -- a point is diverged if any seed diverged -- and find each width's optimum."""
+def summarize(runs: Sequence[Run], widths: Sequence[int], lrs: Sequence[float], metric: str = "train",
+              axis: str = "width") -> Summary:
+    """Average seeds per (width, lr) -- a point is diverged if any seed diverged -- and find each width's optimum
+    (``axis="depth"``: ``widths`` are a depth sweep's depths, runs grouped by their depth)."""
     column = {"train": "train_loss", "val": "val_loss"}[metric]
     losses: dict[int, list[float | None]] = {}
     for width in widths:
         row = []
         for lr in lrs:
-            values = [getattr(r, column) for r in runs if r.width == width and r.lr == lr]
+            values = [getattr(r, column) for r in runs if getattr(r, axis) == width and r.lr == lr]
             row.append(statistics.fmean(values) if values and None not in values else None)
         losses[width] = row
-    summary = Summary(metric, list(widths), list(lrs), losses)
+    summary = Summary(metric, list(widths), list(lrs), losses, axis=axis)
     summary.optima = {w: find_optimum([math.log2(lr) for lr in lrs], losses[w]) for w in widths}
     return summary
 
@@ -369,7 +411,7 @@ def table(summary: Summary, title: str) -> str:
     lines.append(row("how", [o.kind for o in best]))
     drift = summary.drift
     note = "" if summary.reliable else " (an optimum is at the grid edge or missing: not bracketed)"
-    lines.append(f"drift of the optimum across widths: "
+    lines.append(f"drift of the optimum across {summary.axis}s: "
                  f"{'undefined' if drift is None else f'{drift:.2f}'} log2 units "
                  f"(grid step {summary.grid_step:.2f}){note}")
     return "\n".join(lines)
@@ -389,7 +431,7 @@ def plot(summary: Summary, title: str, path: Path) -> None:
     for color, width in zip(colors, summary.widths, strict=True):
         xs = [x for x, v in zip(log2s, summary.losses[width], strict=True) if v is not None]
         ys = [v for v in summary.losses[width] if v is not None]
-        ax.plot(xs, ys, "-o", color=color, ms=3, lw=1.4, label=f"width {width}")
+        ax.plot(xs, ys, "-o", color=color, ms=3, lw=1.4, label=f"{summary.axis} {width}")
         best = summary.optima[width]
         if best.log2_lr is not None:
             ax.plot([best.log2_lr], [best.loss], marker="*", ms=13, color=color, mec="black", mew=0.6, zorder=5)
@@ -411,17 +453,18 @@ def report(sweep: Sweep, runs: Sequence[Run], train: Summary | None = None) -> d
     """JSON report: configuration, per-width optima and drift for the training and validation losses (``train``:
     the training-loss summary when the caller has it already)."""
     c = sweep.config
-    train = train or summarize(runs, c.widths, c.lrs, "train")
+    train = train or summarize(runs, c.scales, c.lrs, "train", c.axis)
+    depth = {"depths": list(c.depths), "depth_scaling": c.depth_scaling} if c.depths else {}
     return {
         "schema": SCHEMA, "rule": sweep.rule.name, "rule_sha256": sweep.rule.digest,
         "parameterization": c.parameterization, "alignment": c.alignment if c.analysed else None,
-        "model": c.model.to_json(), "widths": list(c.widths),
+        "model": c.model.to_json(), "widths": list(c.widths), **depth,
         "lrs": list(c.lrs), "steps": c.steps, "batch_size": c.batch_size, "seeds": c.seeds,
         "device": str(sweep.device), "torch_version": torch.__version__, "sweep": sweep.sweep_id,
         "runs": len(runs), "diverged": sum(r.status == "diverged" for r in runs),
         "wall_s": sum(r.wall_s for r in runs),
         "train": train.to_json(),
-        "val": summarize(runs, c.widths, c.lrs, "val").to_json(),
+        "val": summarize(runs, c.scales, c.lrs, "val", c.axis).to_json(),
     }
 
 
@@ -431,7 +474,10 @@ def title_of(sweep: Sweep) -> str:
         model = c.model.source or c.model.name
     else:
         model = (f"{c.model.n_layer}-layer " if c.model.kind == "gpt" else f"depth-{c.model.depth} ") + c.model.kind
-    return (f"{sweep.rule.name}, {c.label} parameterization: {model}, {c.steps} steps, "
+    if c.depths:
+        model = f"{c.model.kind} at width {c.widths[0]}"
+    scaling = "" if not c.depths else ", depth-scaled" if c.depth_scaling else ", width-only"
+    return (f"{sweep.rule.name}, {c.label} parameterization{scaling}: {model}, {c.steps} steps, "
             f"batch {c.batch_size}, {c.seeds} seed(s), {sweep.device}")
 
 
@@ -450,12 +496,14 @@ def _numbers(text: str, kind: type, option: str) -> tuple:
 def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None = None,
                 widths: Sequence[int] | None = None, lrs: Sequence[float] | None = None, steps: int | None = None,
                 batch_size: int | None = None, seeds: int = 1, parameterization: str = "derived",
-                device: str = "auto", alignment: str | None = None) -> SweepConfig:
+                device: str = "auto", alignment: str | None = None, depths: Sequence[int] | None = None,
+                depth_scaling: bool = True) -> SweepConfig:
     """A sweep from the full or quick preset; every argument given explicitly wins over the preset.
 
     ``model``: ``mlp``, ``gpt``, ``FILE.py:FUNC[:TASK]`` or a :class:`~mupderive.verify.user.UserTask` (a model of
     your own: its own init under the standard parameterization; the GPT's batch size and 32-token sequences on the
-    character corpus unless it brings its own batches).
+    character corpus unless it brings its own batches). ``depths``: a depth sweep at one width (default: the
+    smallest of the preset's widths); ``depth_scaling=False`` its width-only baseline.
     """
     preset = QUICK if quick else FULL
     if isinstance(model, str) and is_user_model(model):
@@ -476,8 +524,12 @@ def make_config(rule: str, *, quick: bool = False, model: str | UserTask | None 
     batch_size = preset.batch_size[kind] if batch_size is None else batch_size
     if steps < 1 or batch_size < 1 or seeds < 1:
         raise MupError("--steps, --batch-size and --seeds must be positive")
-    return SweepConfig(rule, spec, tuple(sorted(set(widths or preset.widths))), tuple(sorted(set(lrs))), steps,
-                       batch_size, seeds, parameterization, device, alignment=alignment)
+    widths = tuple(sorted(set(widths or preset.widths)))
+    if depths:
+        widths = widths if len(widths) == 1 else widths[:1]
+    return SweepConfig(rule, spec, widths, tuple(sorted(set(lrs))), steps, batch_size, seeds, parameterization,
+                       device, alignment=alignment, depths=tuple(sorted(set(depths or ()))),
+                       depth_scaling=depth_scaling)
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -487,7 +539,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         widths=_numbers(args.widths, int, "--widths") if args.widths else None,
         lrs=_numbers(args.lrs, float, "--lrs") if args.lrs else None, steps=args.steps,
         batch_size=args.batch_size, seeds=args.seeds, parameterization=args.parameterization, device=args.device,
-        alignment=args.alignment)
+        alignment=args.alignment, depths=_numbers(args.depths, int, "--depths") if args.depths else None,
+        depth_scaling=not args.no_depth_scaling)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -495,7 +548,7 @@ def command(args: argparse.Namespace) -> int:
     sweep = Sweep(config_from_args(args))
     with make_executor(args.executor, args.ray_address) as executor, Store(args.store) as store:
         runs = run_sweep(sweep, store, executor=executor)
-    train = summarize(runs, sweep.config.widths, sweep.config.lrs, "train")
+    train = summarize(runs, sweep.config.scales, sweep.config.lrs, "train", sweep.config.axis)
     result = report(sweep, runs, train)
     title = title_of(sweep)
     if args.format == "json":
@@ -505,7 +558,9 @@ def command(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"transfer-{sweep.rule.name}-{sweep.config.label}-{sweep.config.model.name}"
+        c = sweep.config
+        depth = "" if not c.depths else "-depth" if c.depth_scaling else "-depth-width-only"
+        stem = f"transfer-{sweep.rule.name}-{c.label}-{c.model.name}{depth}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(train, title, out / f"{stem}.png")
         print(f"wrote {out / stem}.json and .png", file=sys.stderr)

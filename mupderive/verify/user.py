@@ -1,8 +1,8 @@
 """Your own model in the coordinate check and the transfer sweep: ``--model FILE.py:FUNC[:TASK]``.
 
 ``FUNC(width)`` returns an ``nn.Module`` at that width (freshly initialized, on the current default device; it is
-also built on the meta device for the base and delta shapes the generated module compares against). What it is
-trained on:
+also built on the meta device for the base and delta shapes the generated module compares against); a depth check
+or sweep (``--depths``) calls ``FUNC(width, depth=L)`` for the model with L residual blocks. What it is trained on:
 
 - by default the model is a **causal language model on the shipped character corpus**: it takes token ids
   ``[batch, block_size]`` (ids of :class:`~mupderive.verify.data.CharVocab`, 96 symbols) and returns logits
@@ -73,16 +73,21 @@ class UserTask:
     def kind(self) -> str:
         return self.name
 
-    def build(self, width: int) -> nn.Module:
-        """``build(width)``, checked to be an ``nn.Module`` (a failure is a one-line :class:`MupError`)."""
+    def build(self, width: int, depth: int | None = None) -> nn.Module:
+        """``build(width)``, or ``build(width, depth=depth)`` for a depth check or sweep, checked to be an
+        ``nn.Module`` (a failure is a one-line :class:`MupError`)."""
+        call = f"{self.label}({width})" if depth is None else f"{self.label}({width}, depth={depth})"
+        if depth is not None and not _binds(self.builder, 0, depth=0):
+            raise MupError(f"{self.label} takes no depth keyword: define FUNC(width, depth) returning the model with "
+                           f"that many residual blocks to check or sweep depths")
         try:
-            model = self.builder(width)
+            model = self.builder(width) if depth is None else self.builder(width, depth=depth)
         except MupError:
             raise
         except Exception as exc:  # the user's code: any failure is bad input, reported in one line
-            raise MupError(f"{self.label}({width}) raised {type(exc).__name__}: {_one_line(exc)}") from None
+            raise MupError(f"{call} raised {type(exc).__name__}: {_one_line(exc)}") from None
         if not isinstance(model, nn.Module):
-            raise MupError(f"{self.label}({width}) returned {type(model).__name__}, not a torch.nn.Module")
+            raise MupError(f"{call} returned {type(model).__name__}, not a torch.nn.Module")
         return model
 
     @property
@@ -172,15 +177,21 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def _takes_one_argument(fn: Callable) -> bool:
-    """Whether ``fn(width)`` binds (a callable whose signature cannot be read is given the benefit of the doubt)."""
+def _binds(fn: Callable, *args: Any, **kwargs: Any) -> bool:
+    """Whether ``fn(*args, **kwargs)`` binds (a callable whose signature cannot be read is given the benefit of
+    the doubt)."""
     try:
-        inspect.signature(fn).bind(0)
+        inspect.signature(fn).bind(*args, **kwargs)
     except TypeError:
         return False
     except ValueError:
         return True
     return True
+
+
+def _takes_one_argument(fn: Callable) -> bool:
+    """Whether ``fn(width)`` binds."""
+    return _binds(fn, 0)
 
 
 def is_user_model(text: str) -> bool:
@@ -208,8 +219,9 @@ def load_task(text: str, **options: Any) -> UserTask:
         raise MupError(f"--model {text}: {path} defines no {func}")
     if not callable(build):
         raise MupError(f"--model {text}: {func} is a {type(build).__name__}, not a function of the width")
-    if not _takes_one_argument(build):
-        raise MupError(f"--model {text}: {func} cannot be called with one argument; it must be FUNC(width)")
+    if not (_takes_one_argument(build) or _binds(build, 0, depth=0)):
+        raise MupError(f"--model {text}: {func} cannot be called with one argument; it must be FUNC(width) (or "
+                       f"FUNC(width, depth) for --depths)")
     if task_name is not None:
         task = getattr(module, task_name, None)
         if task is None:

@@ -28,6 +28,10 @@ grad_norm: the exponent of the gradient's Frobenius norm (MuP.clip_grad_norm_ sc
 tied: one tensor used as an embedding and, transposed, as the readout (found by tensor identity); multiplier
 embedding|readout.
 Attention logits: scale ~ (head_dim / head_dim_base)^-1 (the usual head_dim^-1/2 only keeps them ~ 1 at init).
+Depth (DEPTH): each residual branch's output is multiplied by (L / L_base)^-1 (alpha 1, branches of 2 matrices); a
+parameter inside a block gets (L / L_base)^D on top of r^E, none outside the blocks:
+- hidden: init_std 0, lr 0, eps -1, weight_decay -1
+- vector: init_std 0, lr 0, eps -1, weight_decay -1
 
 General formulas (multiplier 1, where the rule applies):
 
@@ -61,6 +65,7 @@ Usage:
     model = Net(width=1024)
     p = mu.MuP(model, base=Net(width=64))  # same architecture at the base width (or {name: shape})
     # at the base width itself: mu.MuP(Net(width=64), base=Net(width=64), delta=Net(width=128))
+    # depth too: mu.MuP(Net(width=1024, n_layer=32), base=Net(width=64, n_layer=4)) (or depth_base=4)
     p.initialize_()                        # derived init stds (MuP.initialize_ says exactly what)
     # or MuP(model, base, init='keep'): the model's own init times ratio**E_init; zero_query=True
     opt = p.optimizer(lr=0.001)  # decay_vectors=False: biases and gains undecayed
@@ -83,7 +88,7 @@ import fnmatch
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -120,10 +125,27 @@ LOGIT_SCALE = "-1"
 TIED_CONFLICTS = ()
 # The weight-decay hyperparameters of each rule (zeroed on 1-D parameters by optimizer(decay_vectors=False)).
 DECAY = {"adopt": ("weight_decay",)}
+# Depth: each residual branch's output is multiplied by (L / L_base)**DEPTH_BRANCH_MULTIPLIER (= -DEPTH_ALPHA), for
+# branches of DEPTH_BRANCH_MATRICES matrices; a parameter inside a block gets (L / L_base)**DEPTH[role][quantity]
+# on top of its width factor (same keys as EXPONENTS), and its gradient norm scales as (L / L_base)**DEPTH_GRAD_NORM.
+DEPTH_ALPHA = "1"
+DEPTH_BRANCH_MATRICES = 2
+DEPTH_BRANCH_MULTIPLIER = "-1"
+DEPTH_BREAKS = ()
+DEPTH = {
+    "input": {"multiplier": "0", "init_std": "0", "lr": "0", "eps": "-1", "weight_decay": "-1"},
+    "hidden": {"multiplier": "0", "init_std": "0", "lr": "0", "eps": "-1", "weight_decay": "-1"},
+    "output": {"multiplier": "0", "init_std": "0", "lr": "0", "eps": "-1", "weight_decay": "-1"},
+    "vector": {"multiplier": "0", "init_std": "0", "lr": "0", "eps": "-1", "weight_decay": "-1"},
+}
+DEPTH_GRAD_NORM = {"input": "-1", "hidden": "-1", "output": "-1", "vector": "-1"}
 
 _E = {role: {name: float(Fraction(e)) for name, e in row.items()} for role, row in EXPONENTS.items()}
 _LOGIT = float(Fraction(LOGIT_SCALE))
 _GRAD = {role: float(Fraction(e)) for role, e in GRAD_NORM.items()}
+_D = {role: {name: float(Fraction(e)) for name, e in row.items()} for role, row in DEPTH.items()}
+_DEPTH_GRAD = {role: float(Fraction(e)) for role, e in DEPTH_GRAD_NORM.items()}
+_BRANCH = float(Fraction(DEPTH_BRANCH_MULTIPLIER))
 _MATRIX_ROLES = ("input", "hidden", "output", *(["tied"] if "tied" in EXPONENTS else []))
 _ROLES = (*_MATRIX_ROLES, "vector", "fixed")
 _LAYOUTS = ("out_in", "in_out", "embedding", "stacked_out_in", "stacked_in_out")
@@ -133,6 +155,7 @@ _HEAD_DIMS = ("head_dim", "head_size", "attention_head_size")
 _HEAD_COUNTS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
 _QUERY_TOKENS = ("q", "query", "wq")
 _NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 def _adopt_arguments(h: dict[str, Any]) -> dict[str, Any]:
@@ -181,23 +204,46 @@ class MuP:
     ({pattern: attribute name, or a callable ``fn(module, base_module_or_None, LOGIT_SCALE)`` that rescales the
     module itself}) covers other modules; attention that is left unscaled is named in a warning.
 
+    Depth (DEPTH, exponents of the depth ratio L / L_base): the blocks are the children of every outermost
+    repeated block list (an ``nn.ModuleList`` or ``nn.Sequential`` whose children are modules of one class that
+    are not containers themselves: GPT-2's ``transformer.h``, Llama's ``model.layers``, nanoGPT's
+    ``transformer.h``). L is a list's length here, L_base its length in ``depth_base`` (a shallower instance of the
+    model, its parameter shapes, or an int) or, without ``depth_base``, in ``base`` itself: a base that is both
+    narrower and shallower gives both ratios, its blocks standing in for the model's extra ones (block k compared
+    with base block k mod L_base). Where L differs from L_base, the residual branches of every block (its children
+    holding parameters that are not normalization layers: attention and MLP; or the modules ``branches``, fnmatch
+    patterns of module names) get a forward hook multiplying their output (a tuple's first tensor) by
+    (L / L_base)**DEPTH_BRANCH_MULTIPLIER (= -DEPTH_ALPHA), and every parameter inside a block (the branches' and
+    their pre-norms') gets the depth factor (L / L_base)**DEPTH[role][quantity] on its init, lr and every
+    scale-carrying hyperparameter, times its width factor; parameters outside the blocks (embedding, readout, final
+    norm) get none. A block holding more norms than branches is named in a warning (a norm applied to a branch's
+    output, as Gemma's post-norms, would undo the multiplier: pass ``branches`` naming those norms). The same depth
+    as the base: no depth factor and no hook.
+
     Attributes: ``roles``, ``ratios``, ``layouts`` and ``multipliers`` ({parameter name: value}), ``ties``
-    ({name: (embedding modules, readout modules)}), ``attention`` ({module name: (attribute, before, after)}).
+    ({name: (embedding modules, readout modules)}), ``attention`` ({module name: (attribute, before, after)}),
+    ``depths`` ({block list: (L, L_base)}), ``depth_ratios`` ({parameter inside a scaled block: L / L_base}),
+    ``branches`` ({branch module: its output multiplier}).
     """
 
     def __init__(self, model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]], *,
                  delta: nn.Module | Mapping[str, Sequence[int]] | None = None, readout: str | None = None,
                  roles: Mapping[str, str] | None = None, layouts: Mapping[str, str] | None = None,
                  init: str = "derived", zero_query: bool = False,
-                 attention: Mapping[str, str | Callable[..., None]] | None = None) -> None:
+                 attention: Mapping[str, str | Callable[..., None]] | None = None,
+                 depth_base: nn.Module | Mapping[str, Sequence[int]] | int | None = None,
+                 branches: Sequence[str] | None = None) -> None:
         if init not in _INIT_MODES:
             raise ValueError(f"init={init!r}: expected one of {', '.join(_INIT_MODES)}")
         self.model, self.init, self._rescaled = model, init, False
-        base_shapes = _shapes(base)
         params = dict(model.named_parameters())
-        probe = _shapes(delta) if delta is not None else {name: tuple(p.shape) for name, p in params.items()}
+        stacks = _stacks(model)
+        base_shapes = _aligned(_shapes(base), params, stacks)
+        probe = _aligned(_shapes(delta), params, stacks) if delta is not None else {
+            name: tuple(p.shape) for name, p in params.items()}
         if missing := sorted(set(params) - set(base_shapes) | set(params) - set(probe)):
             raise ValueError(f"parameters missing from the base or delta: {', '.join(missing)}")
+        self.depths = _depths(stacks, base if depth_base is None else depth_base, depth_base is not None)
         if delta is None and all(probe[name] == base_shapes[name] for name in params):
             raise ValueError(_SAME_WIDTH)
         self._uses = _uses(model, layouts or {})
@@ -211,17 +257,21 @@ class MuP:
         self.ratios = {name: 1.0 if self.roles[name] == "fixed" else
                        _ratio(tuple(param.shape), base_shapes[name], scaling[name], name)
                        for name, param in params.items()}
+        self.branches, self.depth_ratios = _branch_plan(model, stacks, self.depths, branches)
         self.multipliers = {name: self._factor(name, "multiplier") for name in params}
         self._init = {name: self._init_plan(name, param, tuple(base_shapes[name])) for name, param in params.items()}
         self._queries = _queries(model, self._uses) if zero_query else []
         base_module = base if isinstance(base, nn.Module) else None
-        self.embedding_scales = _embedding_scales(self._uses, base_module)
+        bases = _base_modules(model, base_module, stacks)
+        self.embedding_scales = _embedding_scales(self._uses, bases)
         compensate = {path: before / now for path, (now, before) in self.embedding_scales.items()}
         self._handles = [_install(path, module, layout, factor)
                          for name, uses in self._uses.items() for path, module, layout in uses
                          if (factor := self._multiplier(name, layout) * compensate.get(path.rpartition(".")[0], 1.0))
                          != 1.0]
-        self._scales = _attention(model, base_module, attention or {})
+        self._handles += [model.get_submodule(path).register_forward_hook(_scale_branch(path, factor))
+                          for path, factor in self.branches.items()]
+        self._scales = _attention(model, bases, attention or {})
         self.attention = {name: (attribute, before, after) for name, (_, attribute, before, after)
                           in self._scales.items()}
         for module, attribute, _, after in self._scales.values():
@@ -231,9 +281,12 @@ class MuP:
             _warn_width_dependent_config(model, base_module, {before for _, _, before, _ in self._scales.values()})
 
     def _factor(self, name: str, quantity: str) -> float:
-        """ratio**E for one parameter's quantity (1.0 for fixed parameters and quantities its role lacks)."""
-        exponent = _E.get(self.roles[name], {}).get(quantity)
-        return 1.0 if exponent is None else self.ratios[name] ** exponent
+        """ratio**E * depth_ratio**D for one parameter's quantity (1.0 for fixed parameters and quantities its role
+        lacks; no depth factor outside the blocks)."""
+        role = self.roles[name]
+        exponent = _E.get(role, {}).get(quantity)
+        width = 1.0 if exponent is None else self.ratios[name] ** exponent
+        return width * _depth_factor(role, quantity, self.depth_ratios.get(name, 1.0))
 
     def _multiplier(self, name: str, layout: str) -> float:
         """The forward multiplier of one use of a parameter: a tied tensor's readout use gets readout_multiplier."""
@@ -323,8 +376,11 @@ class MuP:
 
     def _grad_factor(self, name: str) -> float:
         """ratio**E_grad: how one parameter's gradient norm scales (1.0 for fixed parameters)."""
-        exponent = _GRAD.get(self.roles[name])
-        return 1.0 if exponent is None else self.ratios[name] ** exponent
+        role = self.roles[name]
+        exponent = _GRAD.get(role)
+        width = 1.0 if exponent is None else self.ratios[name] ** exponent
+        depth = self.depth_ratios.get(name, 1.0)
+        return width * (depth ** _DEPTH_GRAD[role] if role in _DEPTH_GRAD and depth != 1.0 else 1.0)
 
     def remove(self) -> None:
         """Remove the forward multipliers and restore the attention scales (the model then computes its plain
@@ -337,12 +393,16 @@ class MuP:
                 setattr(module, attribute, before)
 
     def describe(self) -> str:
-        """A table (parameter, shape, role, width ratio, multiplier, init, and the factor r**E of lr and each
-        scale-carrying hyperparameter), then the init mode, the ties and the attention scales."""
+        """A table (parameter, shape, role, width ratio, depth ratio where the model is deeper or shallower than
+        its base, multiplier, init, and the factor r**E (times depth**D inside a block) of lr and each scale-carrying
+        hyperparameter), then the init mode, the ties, the depth (block lists, branch multipliers, each role's depth
+        factors) and the attention scales."""
         skip = ("multiplier", "readout_multiplier", "init_std")
         hypers = list(dict.fromkeys(k for row in _E.values() for k in row if k not in skip))
         hybrid = len(set(RULE_OF_ROLE.values())) > 1
-        head = ["parameter", "shape", "role", *(["rule"] if hybrid else []), "ratio", "multiplier", "init", *hypers]
+        deep = bool(self.depth_ratios)
+        head = ["parameter", "shape", "role", *(["rule"] if hybrid else []), "ratio", *(["depth"] if deep else []),
+                "multiplier", "init", *hypers]
         rows = [head]
         for name, param in self.model.named_parameters():
             role = self.roles[name]
@@ -354,8 +414,9 @@ class MuP:
             multiplier = f"{self.multipliers[name]:.4g}"
             if role == "tied":
                 multiplier += f"|{self._factor(name, 'readout_multiplier'):.4g}"
+            depth = [f"{self.depth_ratios[name]:g}" if name in self.depth_ratios else "-"] if deep else []
             rows.append([name, "x".join(map(str, param.shape)) or "scalar", role, *rule, f"{self.ratios[name]:g}",
-                         multiplier, init, *factors])
+                         *depth, multiplier, init, *factors])
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         return "\n".join(lines + self._notes())
@@ -372,32 +433,56 @@ class MuP:
         for path, (now, before) in self.embedding_scales.items():
             lines.append(f"embedding: {path} multiplies its output by {now:.4g} in forward ({before:.4g} in the "
                          f"base): compensated by {before / now:.4g}")
+        lines += self._depth_notes()
         for name, (attribute, before, after) in self.attention.items():
             lines.append(f"attention: {name}.{attribute} {before:.4g} -> {after:.4g}" if attribute is not None else
                          f"attention: {name} rescaled by the attention callable")
         return lines
 
+    def _depth_notes(self) -> list[str]:
+        """describe()'s depth lines, for block lists deeper or shallower than the base's (none otherwise): L
+        against L_base, the branch multiplier and branches, and the depth factor of each role inside the blocks."""
+        lines = []
+        for path, (now, base) in self.depths.items():
+            if now == base:
+                continue
+            where, ratio = path or "the model", now / base
+            prefix = f"{path}." if path else ""
+            names = sorted({re.sub(rf"^{re.escape(prefix)}\d+", f"{prefix}*", b) for b in self.branches
+                            if b.startswith(prefix)})
+            lines.append(f"depth: {where} has {now} blocks, the depth base {base} (ratio {ratio:g}); alpha "
+                         f"{DEPTH_ALPHA}: each branch's output x {ratio ** _BRANCH:.4g} "
+                         f"(ratio**{DEPTH_BRANCH_MULTIPLIER}) on {', '.join(names)}")
+        roles = sorted({self.roles[name] for name in self.depth_ratios} & set(_D))
+        for role in roles:
+            ratio = next(r for name, r in self.depth_ratios.items() if self.roles[name] == role)
+            factors = ", ".join(f"{k} x{ratio ** e:.4g}" for k, e in _D[role].items() if e != 0.0) or "none"
+            lines.append(f"depth factors of {role} parameters inside the blocks (on top of the width factors): "
+                         f"{factors}")
+        return lines
+
     def _groups(self, roles: tuple[str, ...], decay_vectors: bool
                 ) -> dict[tuple[str, float, bool], list[torch.Tensor]]:
-        """Trainable parameters of the given roles, grouped by (role, width ratio, decayed) in order of first
-        appearance; 1-D parameters are not decayed when decay_vectors is False."""
-        groups: dict[tuple[str, float, bool], list[torch.Tensor]] = {}
+        """Trainable parameters of the given roles, grouped by (role, width ratio, depth ratio, decayed) in order of
+        first appearance; 1-D parameters are not decayed when decay_vectors is False."""
+        groups: dict[tuple[str, float, float, bool], list[torch.Tensor]] = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad and self.roles[name] in roles:
-                key = (self.roles[name], self.ratios[name], decay_vectors or param.ndim >= 2)
+                key = (self.roles[name], self.ratios[name], self.depth_ratios.get(name, 1.0),
+                       decay_vectors or param.ndim >= 2)
                 groups.setdefault(key, []).append(param)
         return groups
 
     def _param_groups(self, roles: tuple[str, ...], base: dict[str, Any],
                       arguments: Callable[[dict[str, Any]], dict[str, Any]],
                       decay_vectors: bool = True) -> list[dict[str, Any]]:
-        """One param group per (role, ratio, decayed): the base values scaled by ratio**E (the rule's weight decay
-        0 in groups that are not decayed), as constructor arguments."""
+        """One param group per (role, ratio, depth ratio, decayed): the base values scaled by ratio**E *
+        depth**D (the rule's weight decay 0 in groups that are not decayed), as constructor arguments."""
         out = []
-        for (role, ratio, decayed), params in self._groups(roles, decay_vectors).items():
+        for (role, ratio, depth, decayed), params in self._groups(roles, decay_vectors).items():
             values = base if decayed else {k: 0.0 if k in DECAY[RULE_OF_ROLE[role]] else v for k, v in base.items()}
-            out.append({"params": params, **arguments(_scaled(values, role, ratio)), "mup_role": role,
-                        "mup_ratio": ratio})
+            out.append({"params": params, **arguments(_scaled(values, role, ratio, depth)), "mup_role": role,
+                        "mup_ratio": ratio, "mup_depth": depth})
         return out
 
     def optimizer(self, lr: float = 0.001, *, beta1: float = 0.9, beta2: float = 0.9999, eps: float = 1e-06,
@@ -428,10 +513,18 @@ _SAME_WIDTH = ("every parameter of the model has its base shape, so no dimension
                "dimensions scale, or a smaller base (delta=base keeps every parameter fixed on purpose)")
 
 
-def _scaled(values: dict[str, Any], role: str, ratio: float) -> dict[str, Any]:
-    """values with the lr and every scale-carrying hyperparameter of ``role`` multiplied by ratio**E."""
+def _scaled(values: dict[str, Any], role: str, ratio: float, depth: float = 1.0) -> dict[str, Any]:
+    """values with the lr and every scale-carrying hyperparameter of ``role`` multiplied by ratio**E (width) and
+    depth**D (the depth ratio of a parameter inside a block; 1 outside)."""
     exponents = _E.get(role, {})
-    return {k: v * ratio ** exponents[k] if k in exponents else v for k, v in values.items()}
+    return {k: v * ratio ** exponents[k] * _depth_factor(role, k, depth) if k in exponents else v
+            for k, v in values.items()}
+
+
+def _depth_factor(role: str, quantity: str, depth: float) -> float:
+    """depth**D of one quantity of a role inside a block (D from DEPTH; 1.0 where it has none)."""
+    exponent = _D.get(role, {}).get(quantity) if depth != 1.0 else None
+    return 1.0 if exponent is None else depth ** exponent
 
 
 def _entry(key: str, value: str) -> str:
@@ -669,6 +762,148 @@ def _scale_output(multiplier: float) -> Callable[..., torch.Tensor]:
     return hook
 
 
+# -- depth ----------------------------------------------------------------------------------------------------------
+def _stacks(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: module} of every outermost repeated block list: an nn.ModuleList or nn.Sequential whose children are
+    modules of one class, none of them a container, each holding parameters in a child of its own (a block, not a
+    list of single layers)."""
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{s}.") or not s for s in out):
+            continue
+        blocks = list(module.children())
+        if (isinstance(module, nn.ModuleList | nn.Sequential) and blocks
+                and len({type(b) for b in blocks}) == 1 and not isinstance(blocks[0], _CONTAINERS)
+                and all(any(next(c.parameters(), None) is not None for c in b.children()) for b in blocks)):
+            out[name] = module
+    return out
+
+
+def _block_index(name: str, stack: str) -> int | None:
+    """k when ``name`` is block k of the list at ``stack`` or lies in it (``stack.k[.rest]``), else None."""
+    prefix = f"{stack}." if stack else ""
+    head = name[len(prefix):].partition(".")[0]
+    return int(head) if name.startswith(prefix) and head.isdigit() else None
+
+
+def _count(names: Iterable[str], stack: str) -> int:
+    """How many blocks of the list at ``stack`` hold the parameters ``names``."""
+    return len({k for name in names if (k := _block_index(name, stack)) is not None})
+
+
+def _align(name: str, counts: Mapping[str, int]) -> str:
+    """The name in a reference whose block lists hold ``counts`` blocks: block k of a shorter list is read as
+    block k mod L_reference (every block of a list has one architecture)."""
+    for path, count in counts.items():
+        k = _block_index(name, path)
+        if k is not None and 0 < count <= k:
+            prefix = f"{path}." if path else ""
+            return f"{prefix}{k % count}{name[len(prefix) + len(str(k)):]}"
+    return name
+
+
+def _depths(stacks: Mapping[str, nn.Module], reference: nn.Module | Mapping[str, Sequence[int]] | int,
+            explicit: bool) -> dict[str, tuple[int, int]]:
+    """{block list: (L here, L in the depth reference)} (``reference``: depth_base, or the base)."""
+    if explicit and not stacks:
+        raise ValueError("depth_base is given, but the model has no repeated block list (an nn.ModuleList or "
+                         "nn.Sequential of blocks of one class) whose length it could be compared with")
+    if isinstance(reference, bool) or (isinstance(reference, int) and reference < 1):
+        raise ValueError(f"depth_base={reference!r}: expected a model, its shapes or a positive number of blocks")
+    names = None if isinstance(reference, int) else list(_shapes(reference))
+    out = {}
+    for path, stack in stacks.items():
+        base = reference if names is None else _count(names, path)
+        if base == 0:
+            raise ValueError(f"{'depth_base' if explicit else 'the base'} has no block of {path or 'the model'} "
+                             f"({type(stack).__name__} of {type(next(iter(stack.children()))).__name__}): pass "
+                             f"depth_base= an instance of the model (or the number of blocks the base has)")
+        out[path] = (len(stack), base)
+    return out
+
+
+def _aligned(shapes: Mapping[str, tuple[int, ...]], params: Mapping[str, torch.Tensor],
+             stacks: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    """{parameter name: its reference shape}; a parameter of block k of a list that is shorter in the reference
+    reads block k mod L_reference (every block of a list has one architecture)."""
+    counts = {path: _count(shapes, path) for path in stacks}
+    return {name: shapes[key] for name in params if (key := name if name in shapes else _align(name, counts))
+            in shapes}
+
+
+def _base_modules(model: nn.Module, base: nn.Module | None, stacks: Mapping[str, nn.Module]
+                  ) -> dict[str, nn.Module]:
+    """{module name of the model: the base's module of that name} (a shallower base's blocks aligned, as
+    :func:`_aligned` does for shapes); empty without a base module."""
+    if base is None:
+        return {}
+    bases = dict(base.named_modules())
+    counts = {path: _count((n for n, _ in base.named_parameters()), path) for path in stacks}
+    return {name: module for name, _ in model.named_modules()
+            if (module := bases.get(name if name in bases else _align(name, counts))) is not None}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
+
+
+def _branch_plan(model: nn.Module, stacks: Mapping[str, nn.Module], depths: Mapping[str, tuple[int, int]],
+                 patterns: Sequence[str] | None) -> tuple[dict[str, float], dict[str, float]]:
+    """({branch module: (L / L_base)**DEPTH_BRANCH_MULTIPLIER}, {parameter inside a block: L / L_base}) over the
+    block lists whose depth differs from the base's."""
+    if isinstance(patterns, str):
+        raise ValueError(f"branches={patterns!r}: expected a sequence of patterns, e.g. [{patterns!r}]")
+    modules = dict(model.named_modules())
+    for pattern in patterns or ():
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
+            raise ValueError(f"branches pattern {pattern!r} matches no module")
+    scaled = {path: now / base for path, (now, base) in depths.items() if now != base}
+    if scaled and not DEPTH:
+        raise ValueError(f"the model has {', '.join(f'{depths[p][0]} blocks in {p}' for p in scaled)} and the base "
+                         f"{', '.join(str(depths[p][1]) for p in scaled)}, but this module was generated without "
+                         f"depth exponents: regenerate it with mupderive generate (or derive(..., depth=Depth()))")
+    names = {id(p): n for n, p in model.named_parameters()}  # a tensor shared by several modules is named once
+    branches, ratios = {}, {}
+    for path, ratio in scaled.items():
+        multiplier = ratio ** _BRANCH
+        for index, block in enumerate(stacks[path].children()):
+            prefix = f"{path}.{index}" if path else str(index)
+            if patterns:
+                found = [n for n in modules if n.startswith(f"{prefix}.") and any(
+                    fnmatch.fnmatchcase(n, p) for p in patterns)]
+            else:
+                found = [f"{prefix}.{child}" for child, m in block.named_children()
+                         if not _is_norm(m) and next(m.parameters(), None) is not None]
+            if not found:
+                raise ValueError(f"{prefix} ({type(block).__name__}): no residual branch found in this block (a child "
+                                 f"holding parameters that is not a normalization layer), so its depth multiplier "
+                                 f"{multiplier:.4g} has nowhere to go: pass branches= patterns naming the modules "
+                                 f"whose outputs join the residual stream")
+            norms = [child for child, m in block.named_children() if _is_norm(m)]
+            if not patterns and len(norms) > len(found):
+                warnings.warn(f"{prefix} ({type(block).__name__}) holds {len(norms)} normalization layers "
+                              f"({', '.join(norms)}) for {len(found)} residual branches: if one normalizes a "
+                              f"branch's output before it joins the stream (a post-norm), it undoes the depth "
+                              f"multiplier on that branch; pass branches= naming those norms if so", stacklevel=4)
+            branches.update(dict.fromkeys(found, multiplier))
+            ratios.update(dict.fromkeys((names[id(p)] for p in block.parameters()), ratio))
+    return branches, ratios
+
+
+def _scale_branch(path: str, multiplier: float) -> Callable[..., Any]:
+    """Hook: a residual branch's output (a tuple's first tensor, e.g. attention's output with its weights) times
+    the depth multiplier."""
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return output * multiplier
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (output[0] * multiplier, *output[1:])
+        raise TypeError(f"{path} ({type(module).__name__}): a residual branch returning a {type(output).__name__} "
+                        f"(not a tensor or a tuple starting with one), so its depth multiplier {multiplier:.4g} "
+                        f"cannot be applied: pass branches= naming the module whose output joins the stream")
+    return hook
+
+
 @torch.no_grad()
 def _output_factor(module: nn.Module | None) -> float | None:
     """c where ``module.forward(ids) == c * F.embedding(ids, weight)`` (an Embedding that scales its output in its
@@ -691,13 +926,12 @@ def _output_factor(module: nn.Module | None) -> float | None:
     return factor if close else None
 
 
-def _embedding_scales(uses: dict[str, list[tuple[str, nn.Module, str]]], base: nn.Module | None
+def _embedding_scales(uses: dict[str, list[tuple[str, nn.Module, str]]], bases: Mapping[str, nn.Module]
                       ) -> dict[str, tuple[float, float]]:
     """{Embedding module: (its output factor, the base's)} for every Embedding subclass whose forward multiplies
     the lookup by a factor that differs from the base's (a width-dependent constant such as sqrt(embedding_dim),
     which the hooks then undo: the effective multiplier is the base's times ratio**E, like every other quantity).
     Warns where the factor is not 1 and the base's is unknown (a shapes dict, or a base on the meta device)."""
-    bases = dict(base.named_modules()) if base is not None else {}
     out = {}
     for held in uses.values():
         for path, module, layout in held:
@@ -761,12 +995,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _attention(model: nn.Module, base: nn.Module | None, patterns: Mapping[str, str | Callable[..., None]]
+def _attention(model: nn.Module, bases: Mapping[str, nn.Module], patterns: Mapping[str, str | Callable[..., None]]
                ) -> dict[str, tuple[nn.Module, str | None, float, float]]:
     """{attention module name: (module, attribute, value now, derived value)} (attribute None: a callable rescaled
-    it); warns naming every attention module it cannot rescale."""
+    it; ``bases``: the base's module of each module name); warns naming every attention module it cannot rescale."""
     modules = dict(model.named_modules())
-    bases = dict(base.named_modules()) if base is not None else {}
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
             raise ValueError(f"attention pattern {pattern!r} matches no module")

@@ -5,7 +5,8 @@ Modules, in the order a check runs: :mod:`task` (what is trained: the MLP, the G
 roles), :mod:`attention` (attention logits as recorded layers), :mod:`setup` (the derived or the standard
 parameterization), :mod:`measure` (training and per-layer rms), :mod:`fit` (slopes with 95% intervals),
 :mod:`judge` (targets, verdicts, causes), :mod:`result` (:class:`CoordCheck` and its tables), :mod:`report` (JSON,
-plots), :mod:`check` (:func:`run_check`, which ties them together) and :mod:`command` (the CLI).
+plots), :mod:`check` (:func:`run_check`, which ties them together) and :mod:`command` (the CLI). A depth check
+(``run_check(..., depths=...)``) adds :mod:`depth` (the layers matched across depths, the residual stream).
 
     from mupderive.verify.coord import UserTask, run_check
     result = run_check("adam", UserTask(build=lambda width: make_model(width)), widths=(64, 128, 256))

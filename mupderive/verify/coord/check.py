@@ -26,7 +26,7 @@ import itertools
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -38,16 +38,18 @@ from torch import nn
 from tqdm import tqdm
 
 from mupderive.analysis import first_step
+from mupderive.depth import Depth
 from mupderive.derivation import Derivation, derive, rational
 from mupderive.errors import MupError
 from mupderive.language.load import load_rule
 from mupderive.language.rule import Rule
 from mupderive.parameterized import analysed, predicted_slopes
 from mupderive.solver import Fix
+from mupderive.verify.coord import depth as depth_module
 from mupderive.verify.coord.alignment import QUANTITIES as ALIGNMENT
 from mupderive.verify.coord.alignment import fit_alignment
-from mupderive.verify.coord.judge import Expect, Targets, checkpoints, diagnose, judge
-from mupderive.verify.coord.layers import forward_order, layer_roles
+from mupderive.verify.coord.judge import DepthTargets, Expect, Targets, checkpoints, diagnose, judge
+from mupderive.verify.coord.layers import ATTENTION, forward_order, layer_roles
 from mupderive.verify.coord.measure import train_and_measure
 from mupderive.verify.coord.result import CoordCheck
 from mupderive.verify.coord.setup import Derived, Standard, generated_module, parameter_roles
@@ -100,27 +102,32 @@ def standard_predictions(rule: Rule, task: Task, convention: str) -> dict[str, d
             for c in first_step(rule, chain, "standard", convention)}
 
 
-def _meta(task: Task, width: int) -> nn.Module:
-    """The model at ``width`` on the meta device: shapes only, no memory and no initialization."""
+def _meta(task: Task, width: int, depth: int | None = None) -> nn.Module:
+    """The model at ``width`` (and ``depth``) on the meta device: shapes only, no memory and no initialization."""
     with torch.device("meta"):
-        return task.build(width)
+        return build(task, width, depth)
 
 
-def _layers(task: Task, module: ModuleType, widths: list[int], eval_x: object, eval_y: torch.Tensor, device: str
-            ) -> tuple[dict[str, str], dict[str, str], nn.Module, nn.Module]:
+def build(task: Task, width: int, depth: int | None = None) -> nn.Module:
+    """The task's model at ``width`` (with ``depth`` residual blocks, for a depth check)."""
+    return task.build(width) if depth is None else task.build(width, depth)
+
+
+def _layers(task: Task, module: ModuleType, widths: list[int], eval_x: object, eval_y: torch.Tensor, device: str,
+            depth: int | None = None) -> tuple[dict[str, str], dict[str, str], nn.Module, nn.Module]:
     """The recorded layers with their roles in forward order, the parameter roles, and the base and delta models.
 
     One real model at the smallest width (on ``device``) runs the task's loss once: that checks the model and task
     work together and gives the forward order; then the generated module classifies its parameters against the
     base (real, on the CPU) and the meta-device delta (a real model, so layouts the module probes, such as Conv1D's,
-    are read right).
+    are read right). ``depth``: every model at that depth (a depth check's base depth).
     """
-    delta = _meta(task, 2 * widths[0])
+    delta = _meta(task, 2 * widths[0], depth)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PROBE_SEED)
-        model = task.build(widths[0]).to(device)
-        base = task.build(widths[0])  # real (on the CPU), as a user passes it: values such as a scaled embedding's
-        # factor (Gemma's sqrt(hidden), a buffer) are measured on it
+        model = build(task, widths[0], depth).to(device)
+        base = build(task, widths[0], depth)  # real (on the CPU), as a user passes it: values such as a scaled
+        # embedding's factor (Gemma's sqrt(hidden), a buffer) are measured on it
     try:
         names = forward_order(model, lambda: task.loss(model, eval_x, eval_y))
     except MupError:
@@ -152,13 +159,20 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
               convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
               options: dict[str, bool] | None = None, first_seed: int = 0, progress: bool = False,
               alignment: str | Mapping[str, Mapping[str, object]] | None = None,
-              measure_alignment: bool = False) -> CoordCheck:
+              measure_alignment: bool = False, depths: tuple[int, ...] | list[int] | None = None,
+              depth_scaling: bool = True) -> CoordCheck:
     """Run a coordinate check; ``rule`` may be a ready :class:`Derivation` (e.g. a deliberately altered one).
 
     ``task``: :class:`MLPTask` (default), :class:`GPTTask` or :class:`~mupderive.verify.user.UserTask` (your own
     model, e.g. ``UserTask(build=lambda width: GPT2LMHeadModel(config_at(width)))``). Seed ``first_seed + k`` trains
     on the k-th ``steps`` batches of one stream drawn from ``first_seed`` (the same batches at every width) and,
     with the width, fixes the initialization.
+
+    ``depths``: a depth check instead, at the smallest of ``widths``: one model per depth (``task.build(width,
+    depth)``), the base the shallowest, slopes against depth (:mod:`~mupderive.verify.coord.depth` matches the layers
+    across depths and adds the residual stream). ``depth_scaling=False`` applies the width-only module (the model
+    as its own depth base: no branch multiplier, no depth factor), the negative control.
+
 
     ``parameterization``: derived, standard, or an analysed one (sp, ntk, mup, mfp, a table, or a path to a JSON
     table) under ``alignment`` (full by default; :mod:`mupderive.parameterized`): the generated module of that
@@ -167,14 +181,20 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
     """
     start = time.perf_counter()
     task = task or MLPTask()
-    widths = _check_sizes(list(widths), steps, seeds, task)
+    widths = _check_sizes(list(widths), steps, seeds, task) if depths is None else sorted(set(widths))[:1]
+    scales = widths if depths is None else _check_sizes(list(depths), steps, seeds, _NoCheck())
     derivation = rule if isinstance(rule, Derivation) else None
     rule = derivation.rule if derivation else rule if isinstance(rule, Rule) else load_rule(rule)
     lr = lr if lr is not None else BASE_LR.get(rule.name, float(rule.lr.default))
+    if depths is not None and parameterization != "derived":
+        raise MupError("a depth check compares the derived parameterization with --no-depth-scaling (the "
+                       "width-only module); --parameterization standard does not apply")
+    if not depth_scaling and depths is None:
+        raise MupError("--no-depth-scaling applies to a depth check (--depths)")
     if alignment is not None and parameterization in ("derived", "standard"):
         raise MupError("--alignment applies to an analysed --parameterization (sp, ntk, mup, mfp or a table)")
     if parameterization == "derived":
-        derivation = derivation or derive(rule, convention, fixes, options)
+        derivation = derivation or derive(rule, convention, fixes, options, depth=Depth())
         module = generated_module(derivation)
         targets = Targets(init_targets(derivation), None)
         exponents = {role: {k: str(v) for k, v in layer.exponents().items()}
@@ -200,35 +220,61 @@ def run_check(rule: Rule | Derivation | str | Path, task: Task | None = None, pa
         targets, exponents = Targets({}, standard_predictions(rule, task, convention)), None
     train, val = split_corpus(load_corpus())
     eval_x, eval_y = next(task.batches(val, torch.Generator().manual_seed(EVAL_SEED), device, task.eval_size))
-    layers, roles, base, delta = _layers(task, module, widths, eval_x, eval_y, device)
+    base_depth = None if depths is None else scales[0]
+    layers, roles, base, delta = _layers(task, module, widths, eval_x, eval_y, device, base_depth)
     _warn_unrecorded_attention(layers, module._attention_modules(base))
-    setup = setup if parameterization == "standard" else Derived(module, base, delta, lr)
+    names_of = _names(module, base, layers, base_depth, task.name)
+    if depths is not None:
+        layers = {name: layers.get(name, "stream") for name in names_of(base_depth)}
+        targets = replace(targets, depth=DepthTargets(float(derivation.depth.alpha)))
+    setup = setup if parameterization == "standard" else Derived(module, base, delta, lr, depth_scaling)
     setup.bind(roles)
-    rms = np.zeros((seeds, len(widths), steps + 1, len(layers), 4))
-    loss = np.zeros((seeds, len(widths), steps))
-    terms = np.zeros((seeds, len(widths), steps + 1, len(layers), len(ALIGNMENT))) if measure_alignment else None
-    bar = tqdm(total=seeds * len(widths), desc=f"coord-check {rule.name} {task.name} {parameterization}",
+    rms = np.zeros((seeds, len(scales), steps + 1, len(layers), 4))
+    loss = np.zeros((seeds, len(scales), steps))
+    terms = np.zeros((seeds, len(scales), steps + 1, len(layers), len(ALIGNMENT))) if measure_alignment else None
+    bar = tqdm(total=seeds * len(scales), desc=f"coord-check {rule.name} {task.name} {parameterization}",
                file=sys.stderr, disable=not progress, leave=False)
     stream = task.batches(train, torch.Generator().manual_seed(first_seed), device, task.batch_size)
     with bar:
         for s, seed in enumerate(range(first_seed, first_seed + seeds)):
             batches = list(itertools.islice(stream, steps))  # this seed's batches, the same at every width
-            for w, width in enumerate(widths):
-                init_seed = 1_000_003 * seed + width
+            for w, scale in enumerate(scales):
+                width, depth = (scale, None) if depths is None else (widths[0], scale)
+                init_seed = 1_000_003 * seed + scale
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(init_seed)
-                    model = task.build(width)
+                    model = build(task, width, depth)
                 model.to(device)
                 optimizer = setup.prepare(model, torch.Generator(device=device).manual_seed(init_seed))
-                run = train_and_measure(model, optimizer, list(layers), batches, eval_x, needs_graph(optimizer),
+                run = train_and_measure(model, optimizer, names_of(depth), batches, eval_x, needs_graph(optimizer),
                                         task.loss, measure_alignment)
                 rms[s, w], loss[s, w] = run.rms.numpy(), run.loss.numpy()
                 if terms is not None:
                     terms[s, w] = run.terms.numpy()
                 bar.update()
-    checks = judge(rms, widths, layers, tolerance, targets)
-    failures = diagnose(rms, widths, layers, checks, tolerance)
-    fitted = None if terms is None else fit_alignment(terms, widths, layers, checkpoints(rms), {
+    checks = judge(rms, scales, layers, tolerance, targets)
+    failures = diagnose(rms, scales, layers, checks, tolerance, "n" if depths is None else "L")
+    fitted = None if terms is None else fit_alignment(terms, scales, layers, checkpoints(rms), {
         role: float(Fraction(row.get("multiplier", "0"))) for role, row in (exponents or {}).items()})
     return CoordCheck(rule, task, parameterization, convention, widths, steps, seeds, lr, tolerance, device, layers,
-                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start, fitted)
+                      rms, loss, targets, exponents, checks, failures, time.perf_counter() - start, fitted,
+                      depths=None if depths is None else scales, depth_scaling=depth_scaling)
+
+
+class _NoCheck:
+    """Depths need no per-task check of their values."""
+
+    def check_widths(self, widths: list[int]) -> None:
+        """Every depth is valid."""
+
+
+def _names(module: ModuleType, base: nn.Module, layers: dict[str, str], base_depth: int | None, label: str
+           ) -> Callable[[int | None], list[str]]:
+    """The recorded names at a depth: the base's layers (width check), or those matched at that depth with the
+    residual stream after each block (depth check, :mod:`~mupderive.verify.coord.depth`)."""
+    if base_depth is None:
+        return lambda depth: list(layers)
+    path, count = depth_module.block_list(module, base, label)
+    names = depth_module.with_streams(depth_module.matchable(list(layers), count), path, count)
+    calls = sum(name.startswith(f"{ATTENTION}.") for name in names)
+    return lambda depth: depth_module.names_at(names, path, count, depth, calls)

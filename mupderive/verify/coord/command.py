@@ -1,8 +1,9 @@
 """``mupderive coord-check``: the command line over :func:`~mupderive.verify.coord.check.run_check`.
 
-``--model`` is ``mlp``, ``gpt`` or ``FILE.py:FUNC[:TASK]`` (:mod:`mupderive.verify.user`). Exit status: 0 when every
-layer passes, 1 when one fails (each failing layer named with its slope and likely cause), 2 for bad input (one
-line on stderr, from :class:`~mupderive.errors.MupError`).
+``--model`` is ``mlp``, ``gpt`` or ``FILE.py:FUNC[:TASK]`` (:mod:`mupderive.verify.user`); ``--depths`` checks the
+depth at the smallest width (``--no-depth-scaling``: the width-only module, the negative control). Exit status: 0
+when every layer passes, 1 when one fails (each failing layer named with its slope and likely cause), 2 for bad
+input (one line on stderr, from :class:`~mupderive.errors.MupError`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from mupderive.verify.train import resolve_device
 from mupderive.verify.user import load_task
 
 
-def _widths(text: str) -> list[int]:
+def _widths(text: str, option: str = "--widths") -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise MupError(f"--widths {text!r}: expected comma-separated integers, e.g. 64,128,256,512") from None
+        raise MupError(f"{option} {text!r}: expected comma-separated integers, e.g. 64,128,256,512") from None
 
 
 def task_of(model: str) -> Task:
@@ -59,7 +60,9 @@ def command(args: argparse.Namespace) -> int:
     result = run_check(args.rule, task, args.parameterization, _widths(args.widths), args.steps, args.seeds,
                        args.lr, args.tolerance, resolve_device(args.device), args.convention,
                        [parse_fix(text) for text in args.fix], _options(args.set), progress=True,
-                       alignment=args.alignment, measure_alignment=args.measure_alignment is not None)
+                       alignment=args.alignment, measure_alignment=args.measure_alignment is not None,
+                       depths=_widths(args.depths, "--depths") if args.depths else None,
+                       depth_scaling=not args.no_depth_scaling)
     print(text_report(result))
     if args.measure_alignment is not None:
         print(text_table(result.alignment))

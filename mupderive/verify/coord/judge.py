@@ -49,8 +49,9 @@ READOUTS = ("output", "tied-out")
 
 
 def judged(role: str) -> tuple[str, ...]:
-    """The quantities judged after init for a role (attention logits own no weight, so have no effect)."""
-    return JUDGED[:2] if role == "attention" else JUDGED
+    """The quantities judged after init for a role (attention logits and the residual stream own no weight, so
+    have no effect)."""
+    return JUDGED[:2] if role in ("attention", "stream") else JUDGED
 
 
 def checkpoints(rms: np.ndarray) -> dict[str, list[int]]:
@@ -69,14 +70,16 @@ def checkpoint_rms(rms: np.ndarray, steps: list[int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Expect:
-    """An expected slope: ``=`` value (within the tolerance), ``<=`` value, a sign ``>``/``<`` beyond it, or ``in``
-    the interval [value, upper] (within the tolerance)."""
+    """An expected slope: ``=`` value (within the tolerance), ``<=`` value, a sign ``>``/``<`` beyond it, ``in``
+    the interval [value, upper] (within the tolerance), or ``any`` (reported, not judged)."""
 
     relation: str
     value: float = 0.0
     upper: float = 0.0
 
     def holds(self, s: Slope, tolerance: float) -> bool:
+        if self.relation == "any":
+            return True
         if not s.finite:
             return False
         margin = tolerance + s.ci
@@ -86,20 +89,47 @@ class Expect:
 
     def distance(self, value: float) -> float:
         """How far ``value`` lies from what is expected (0 inside an interval), signed: > 0 above, < 0 below."""
+        if self.relation == "any":
+            return 0.0
         if self.relation == "in":
             return value - self.upper if value > self.upper else min(value - self.value, 0.0)
         return value - self.value
 
     def __str__(self) -> str:
+        if self.relation == "any":
+            return "reported"
         if self.relation == "in":
             return f"{self.value:.3g}..{self.upper:.3g}"
         value = f"{self.value:.3g}"
         return value if self.relation == "=" else f"{self.relation} {value}"
 
 
-FLAT, NOT_ABOVE = Expect("="), Expect("<=")
+FLAT, NOT_ABOVE, REPORTED = Expect("="), Expect("<="), Expect("any")
 # attention logits: s q.k between its incoherent (head_dim^-1/2 under s = 1/head_dim) and coherent (flat) limits
 BETWEEN_LIMITS = Expect("in", -0.5, 0.0)
+
+
+@dataclass(frozen=True)
+class DepthTargets:
+    """What a depth check judges (slopes against depth L; each branch's output times L^-alpha, THEORY section 6).
+
+    The residual stream (role ``stream``: a matched block's output) carries the two depth conditions: it stays
+    bounded (activation slope <= 0: its L branch outputs are independent at init, ~ L^(1/2 - alpha)) and its
+    one-step change is Theta(1) (slope 0: each branch's update effect ~ 1/L, summed coherently over the branches).
+    Every other layer's activation is flat. Their change and own-update effect are reported, not judged: a layer
+    reading a normalized stream (a pre-norm block, the final norm) moves with the stream's relative change dS / |S|,
+    and |S| at init crosses over from the branches' share (~ L^(1/2 - alpha)) to the embedding's (flat) at a depth
+    set by their constant ratio, not by an exponent: at practical depths that change grows for the depth-scaled and
+    the width-only module alike (docs/coord_check/depth/README.md), so only the stream tells them apart.
+    ``alpha``: the derivation's, shown in the reports.
+    """
+
+    alpha: float
+
+    def target(self, layer: str, role: str, quantity: str) -> Expect:
+        if role == "stream":
+            return FLAT if quantity == "change" else NOT_ABOVE
+        return FLAT if quantity == "activation" else REPORTED
 
 
 @dataclass(frozen=True)
@@ -119,13 +149,16 @@ class Targets:
     init: dict[str, Expect]
     predictions: dict[str, dict[str, float]] | None
     slopes: dict[str, dict[str, float]] | None = None
+    depth: DepthTargets | None = None  # a depth check's targets (then ``init`` and the roles' are not used)
 
     @property
     def readout_init(self) -> Expect:
         return self.init.get("output", NOT_ABOVE)
 
-    def target(self, role: str, quantity: str, checkpoint: str) -> Expect:
-        """The width-stable target of one slope."""
+    def target(self, role: str, quantity: str, checkpoint: str, layer: str = "") -> Expect:
+        """The width-stable (depth-stable) target of one slope."""
+        if self.depth is not None:
+            return self.depth.target(layer, role, quantity)
         if role == "attention":
             return BETWEEN_LIMITS
         if self.slopes is not None and role in self.slopes:
@@ -188,9 +221,9 @@ def judge(rms: np.ndarray, widths: list[int], layers: dict[str, str], tolerance:
         for index, (layer, role) in enumerate(layers.items()):
             for quantity in ("activation",) if checkpoint == "init" else judged(role):
                 s = fit_slope(widths, values[:, :, index, QUANTITIES.index(quantity)])
-                target = targets.target(role, quantity, checkpoint)
+                target = targets.target(role, quantity, checkpoint, layer)
                 expected = targets.prediction(layer, role, quantity, checkpoint)
-                passed = target.holds(s, tolerance) and s.ci <= 2 * tolerance
+                passed = target.holds(s, tolerance) and (target == REPORTED or s.ci <= 2 * tolerance)
                 checks.append(Check(layer, role, quantity, checkpoint, s, target, passed, expected,
                                     None if expected is None else expected.holds(s, tolerance)))
     return checks
@@ -211,16 +244,19 @@ def _moves(s: Slope, tolerance: float) -> bool:
 
 
 def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks: list[Check],
-             tolerance: float) -> list[tuple[str, str]]:
+             tolerance: float, variable: str = "n") -> list[tuple[str, str]]:
     """``[(layer, message)]`` for each failing layer: its worst slope and the likely cause.
 
     The cause is read off the same measurements, first match wins: a layer whose input already scales at the
     failing checkpoint (or at init, for an activation that scaled from the start) inherits it from below; an
     activation that scaled at init with a flat input means the layer's init std (or multiplier) is off; the
     update's gain ``effect / input`` (how W_t - W_0 scales on the layer's actual input) points at the layer's own
-    learning rate; what remains is a change propagated through the initial weights.
+    learning rate; what remains is a change propagated through the initial weights. ``widths`` are the scales
+    fitted against, ``variable`` their name in messages (n: width; L: depth, where the residual stream (role
+    ``stream``) that grows or vanishes points at the branch multiplier).
     """
     names = list(layers)
+    axis = "depth" if variable == "L" else "width"
     marks = checkpoints(rms)
     column = {q: QUANTITIES.index(q) for q in QUANTITIES}
     failures: list[tuple[str, str]] = []
@@ -241,7 +277,7 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
             continue
         grows = worst.target.distance(s.value) > 0
         head = f"{layer} ({role}) {'blows up' if grows else 'vanishes'} as " \
-               f"n^{s.value:+.2f} ({where})"
+               f"{variable}^{s.value:+.2f} ({where})"
         index = names.index(layer)
         init = next(c for c in checks if c.layer == layer and c.checkpoint == "init")
         from_init = worst.quantity == "activation" and not init.passed
@@ -252,7 +288,12 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
         below = next((name for name, _ in failures), None)
         if _moves(inp, tolerance):
             what = "q and k (rms(q) rms(k))" if role == "attention" else "its input"
-            cause = f"inherited: {what} scales as n^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+            cause = f"inherited: {what} scales as {variable}^{inp.value:+.2f}" + (f" (from {below})" if below else "")
+        elif role == "stream":
+            cause = ("the residual stream: the L branch outputs add up (independently at init, ~ L^1/2; their "
+                     "updates coherently, ~ L) unless each branch's output is multiplied by L^-alpha" if grows else
+                     "the residual stream: the branch multiplier L^-alpha is too small, so deeper models' branches "
+                     "contribute less and less")
         elif role == "attention" and grows and below:
             cause = f"inherited: the q and k changes grow with a change below ({below}), so the logits move too much " \
                     "whatever their scale"
@@ -264,13 +305,13 @@ def diagnose(rms: np.ndarray, widths: list[int], layers: dict[str, str], checks:
             cause = "the attention logit scale: s q.k vanishes faster than its incoherent limit while q and k keep " \
                     "their scale, so s is too small for this width (muP uses s = 1/head_dim)"
         elif from_init:
-            cause = f"its initialization: activations scale as n^{init.slope.value:+.2f} at step 0 (target " \
-                    f"{init.target}) on a width-independent input, so the {_role_words(role)} init std (or " \
-                    f"multiplier) is off"
+            cause = f"its initialization: activations scale as {variable}^{init.slope.value:+.2f} at step 0 " \
+                    f"(target {init.target}) on a {axis}-independent input, so the {_role_words(role)} init std " \
+                    f"(or multiplier) is off"
         elif _moves(gain, tolerance):
             size = "too large" if gain.value > 0 else "too small"
-            cause = f"the {_role_words(role)} learning rate is {size} for this width (its update acting on its " \
-                    f"input scales as n^{gain.value:+.2f})"
+            cause = f"the {_role_words(role)} learning rate is {size} for this {axis} (its update acting on its " \
+                    f"input scales as {variable}^{gain.value:+.2f})"
         else:
             cause = "propagated through the initial weights from a change below" + \
                     (f" ({below})" if below else "") + ", while its own update keeps its scale"

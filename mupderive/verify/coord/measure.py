@@ -13,7 +13,8 @@ layer's input ``x_t`` and output ``h_t``. Per layer and step four root-mean-squa
 
 Attention logits (layers named ``attention_logits.k``, :mod:`attention`) record their activation rms(s q kᵀ), its
 change since initialization, ``input`` = rms(q) rms(k) (what the logits inherit from the projections) and no
-``effect`` (0: they own no weight).
+``effect`` (0: they own no weight). So do residual blocks recorded as the stream (a depth check's ``stream``
+layers: a block's output is the residual stream after it).
 
 With ``alignment=True`` each layer holding a weight matrix also records, after every step, the rms of the three terms
 of its output change and of what they multiply (:mod:`alignment`: ``dW z0``, ``W0 dz``, ``dW dz``, ``dW``, ``W0``,
@@ -65,15 +66,16 @@ class _Probe:
 
     The input is taken before any other pre-hook (a forward multiplier may scale it there) and the output after
     every other hook, so re-running the module on that input reproduces the whole layer, multiplier included.
-    ``names`` lists modules and ``attention_logits.k`` entries, in forward order; attention calls fill the latter
-    in call order.
+    ``names`` lists modules and ``attention_logits.k`` entries, in forward order; the k-th attention call of a
+    forward pass fills ``attention_logits.k`` (calls not listed are not kept).
     """
 
     def __init__(self, model: nn.Module, names: list[str]):
         modules = dict(model.named_modules())
         self.model = model
         self.names = names
-        self.attention = [i for i, name in enumerate(names) if name.startswith(f"{ATTENTION}.")]
+        self.attention = {int(name.rpartition(".")[2]): i for i, name in enumerate(names)
+                          if name.startswith(f"{ATTENTION}.")}
         self.layer = [i for i, name in enumerate(names) if not name.startswith(f"{ATTENTION}.")]
         self.modules = {i: modules[names[i]] for i in self.layer}
         self.inputs: list[tuple[tuple, dict]] = [((), {})] * len(names)
@@ -102,7 +104,7 @@ class _Probe:
         return hook
 
     def _keep_logits(self, logits: torch.Tensor, qk: torch.Tensor) -> None:
-        if self.calls < len(self.attention):
+        if self.calls in self.attention:
             index = self.attention[self.calls]
             self.outputs[index], self.qk[index] = logits, qk
         self.calls += 1
@@ -117,8 +119,9 @@ class _Probe:
         finally:
             self.active = False
             self.model.train(training)
-        if self.calls != len(self.attention):
-            raise RuntimeError(f"the forward pass made {self.calls} attention calls, {len(self.attention)} expected")
+        if self.calls <= max(self.attention, default=-1):
+            raise RuntimeError(f"the forward pass made {self.calls} attention calls, at least "
+                               f"{max(self.attention) + 1} expected")
 
     def input_rms(self, index: int) -> torch.Tensor | float:
         """rms of a layer's input (1 for integer data such as token ids), rms(q) rms(k) for attention logits."""
@@ -177,7 +180,8 @@ def train_and_measure(model: nn.Module, optimizer: Optimizer, names: list[str], 
     device = next(model.parameters()).device
     rms = torch.zeros(steps + 1, len(names), len(QUANTITIES), device=device)
     losses = torch.zeros(steps, device=device)
-    initial = {i: m.weight.detach().clone() for i, m in probe.modules.items()}
+    initial = {i: m.weight.detach().clone() for i, m in probe.modules.items()  # a residual block's output (a
+               if isinstance(getattr(m, "weight", None), torch.Tensor)}  # stream, no weight of its own): no effect
     terms = torch.zeros(steps + 1, len(names), len(ALIGNMENT), device=device) if alignment else None
     try:
         probe.run(eval_x)
@@ -202,7 +206,7 @@ def train_and_measure(model: nn.Module, optimizer: Optimizer, names: list[str], 
                 for i, h in enumerate(probe.outputs):
                     rms[step, i, 0] = _rms(h)
                     rms[step, i, 1] = _rms(h - h0[i])
-                    if i in probe.modules:
+                    if i in initial:
                         rms[step, i, 2] = _rms(h - _with_weight(probe.modules[i], initial[i], probe.inputs[i]))
                     rms[step, i, 3] = probe.input_rms(i)
                 for i in aligned:

@@ -25,7 +25,7 @@ def step_slopes(result: CoordCheck) -> dict[str, dict[str, list[dict | None]]]:
         for q, quantity in enumerate(QUANTITIES):
             out[layer][quantity] = [
                 None if step == 0 and quantity in ("change", "effect")
-                else fit_slope(result.widths, result.rms[:, :, step, index, q]).to_json()
+                else fit_slope(result.scales, result.rms[:, :, step, index, q]).to_json()
                 for step in range(result.steps + 1)]
     return out
 
@@ -37,15 +37,16 @@ def to_json(result: CoordCheck) -> dict:
         "schema": SCHEMA, "rule": r.rule.name, "rule_sha256": r.rule.digest, "model": r.task.name,
         "task": r.task.to_json(),
         "parameterization": r.parameterization, "convention": r.convention, "exponents": r.exponents,
-        "widths": r.widths, "steps": r.steps,
+        "widths": r.widths, "depths": r.depths, "depth_scaling": r.depth_scaling if r.depths else None,
+        "steps": r.steps,
         "seeds": r.seeds, "lr": r.lr, "tolerance": r.tolerance, "device": r.device, "torch": torch.__version__,
         "checkpoints": checkpoints(r.rms), "layers": r.layers,
         "logits": next(layer for layer, role in reversed(r.layers.items()) if role != "attention"),
         "quantities": list(QUANTITIES),
         "rms": {layer: {quantity: r.rms[:, :, :, i, q].transpose(2, 0, 1).round(8).tolist()
                         for q, quantity in enumerate(QUANTITIES)} for i, layer in enumerate(r.layers)},
-        "rms_layout": "rms[layer][quantity][step][seed][width index]",
-        "loss": r.loss.round(6).tolist(), "loss_layout": "loss[seed][width index][step - 1]",
+        "rms_layout": f"rms[layer][quantity][step][seed][{r.axis} index]",
+        "loss": r.loss.round(6).tolist(), "loss_layout": f"loss[seed][{r.axis} index][step - 1]",
         "readout_init": str(r.targets.readout_init), "predictions": r.targets.predictions,
         "predicted_slopes": r.targets.slopes,
         "alignment": None if r.alignment is None else {f.layer: f.to_json() for f in r.alignment},
@@ -78,16 +79,16 @@ def plot(result: CoordCheck, path: Path) -> None:
                 if quantity not in judged(role):
                     continue
                 values = r.rms[:, :, step, index, q]
-                ax.loglog(r.widths, np.exp(np.log(values).mean(axis=0)), "o-", ms=3, lw=1.2,
+                ax.loglog(r.scales, np.exp(np.log(values).mean(axis=0)), "o-", ms=3, lw=1.2,
                           color=colors[index], label=layer)
             ax.set_title(f"step {step}", fontsize=9)
-            ax.set_xticks(r.widths, [str(w) for w in r.widths])
+            ax.set_xticks(r.scales, [str(w) for w in r.scales])
             ax.xaxis.set_minor_locator(NullLocator())
             ax.tick_params(labelsize=7)
             if step == 0 or (step == 1 and quantity != "activation"):
                 ax.set_ylabel(f"rms {quantity}", fontsize=9)
             if row == rows - 1:
-                ax.set_xlabel("width", fontsize=8)
+                ax.set_xlabel(r.axis, fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     verdict = "PASS" if r.passed else "FAIL"
@@ -98,9 +99,11 @@ def plot(result: CoordCheck, path: Path) -> None:
 
 
 def write_outputs(result: CoordCheck, out: Path, stem: str | None = None) -> list[Path]:
-    """Write ``<stem>.json`` and ``<stem>.png`` under ``out`` (default stem: ``<rule>_<model>_<parameterization>``)."""
+    """Write ``<stem>.json`` and ``<stem>.png`` under ``out`` (default stem: ``<rule>_<model>_<parameterization>``,
+    then ``_depth`` or ``_depth_width-only`` for a depth check)."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"{result.rule.name}_{result.task.name}_{result.parameterization}"
+    depth = "" if result.depths is None else "_depth" if result.depth_scaling else "_depth_width-only"
+    stem = stem or f"{result.rule.name}_{result.task.name}_{result.parameterization}{depth}"
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"  # a stem may hold dots (FILE.FUNC)
     json_path.write_text(json.dumps(to_json(result), indent=1) + "\n", encoding="utf-8")
     plot(result, png_path)

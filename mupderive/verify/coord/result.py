@@ -39,10 +39,31 @@ class CoordCheck:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     alignment: list[LayerAlignment] | None = None  # measure_alignment=True: each weight matrix's fitted alignment
+    depths: list[int] | None = None  # a depth check: the depths (``widths`` holds its one width)
+    depth_scaling: bool = True  # a depth check: False for the width-only module (--no-depth-scaling)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def axis(self) -> str:
+        """What the slopes are fitted against: "width", or "depth" for a depth check."""
+        return "width" if self.depths is None else "depth"
+
+    @property
+    def scales(self) -> list[int]:
+        """The x values of the fits: the widths, or a depth check's depths."""
+        return self.widths if self.depths is None else self.depths
+
+    @property
+    def setup(self) -> str:
+        """The scales in words: "widths 64,128" or "depths 2,4 at width 64 (derived, depth-scaled)"."""
+        if self.depths is None:
+            return f"widths {','.join(map(str, self.widths))}"
+        alpha = f", alpha {self.targets.depth.alpha:g}" if self.targets.depth is not None else ""
+        scaling = f"depth-scaled{alpha}" if self.depth_scaling else "width-only: --no-depth-scaling"
+        return f"depths {','.join(map(str, self.depths))} at width {self.widths[0]} ({scaling})"
 
     def _repr_markdown_(self) -> str:
         """Jupyter: the slope table per layer and checkpoint and the verdict (:func:`markdown_report`)."""
@@ -69,9 +90,9 @@ def text_report(result: CoordCheck) -> str:
     predictions = r.targets.predictions
     pad = max(24, *(len(layer) + 1 for layer in r.layers))
     lines = [f"coord-check {r.rule.name} on {r.task.name} ({r.parameterization} parameterization, {r.convention} "
-             f"convention): widths {','.join(map(str, r.widths))}, {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}, "
+             f"convention): {r.setup}, {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}, "
              f"{r.device}",
-             f"slope of log rms against log width, +- 95% CI over seeds x widths; target 0 unless shown in "
+             f"slope of log rms against log {r.axis}, +- 95% CI over seeds x {r.axis}s; target 0 unless shown in "
              f"parentheses; '*' = misses its target by more than {r.tolerance:g} + CI; last = {_label(marks['last'])}"]
     if r.targets.slopes is not None:
         lines.append(f"{r.parameterization}: every target is the slope `mupderive analyze` predicts for the layer's "
@@ -95,11 +116,11 @@ def text_report(result: CoordCheck) -> str:
     chance = getattr(r.task, "chance", None)
     chance = f"; chance: ln 96 = {chance:.2f}" if chance is not None else ""
     lines += ["", f"training loss at step {r.steps}, before its update (mean over seeds{chance}): "
-              + "  ".join(f"{w}: {v:.3f}" for w, v in zip(r.widths, final, strict=True))]
+              + "  ".join(f"{w}: {v:.3f}" for w, v in zip(r.scales, final, strict=True))]
     if r.passed:
         lines.append(f"PASS: every layer's slopes are the analysis's predictions ({r.seconds:.1f} s)"
                      if r.targets.slopes is not None else
-                     f"PASS: every layer keeps its scale across widths ({r.seconds:.1f} s)")
+                     f"PASS: every layer keeps its scale across {r.axis}s ({r.seconds:.1f} s)")
     else:
         lines.append(f"FAIL: {len(r.failures)} of {len(r.layers)} layers fail the check ({r.seconds:.1f} s)")
         lines += [f"  {message}" for _, message in r.failures]
@@ -111,8 +132,8 @@ def markdown_report(result: CoordCheck) -> str:
     r = result
     marks = checkpoints(r.rms)
     verdict = "PASS" if r.passed else f"FAIL ({len(r.failures)} of {len(r.layers)} layers)"
-    lines = [f"**coord-check {r.rule.name} on {r.task.name}, {r.parameterization}: {verdict}** (widths "
-             f"{', '.join(map(str, r.widths))}; {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}; target slope 0 "
+    lines = [f"**coord-check {r.rule.name} on {r.task.name}, {r.parameterization}: {verdict}** ("
+             f"{r.setup}; {r.steps} steps, {r.seeds} seeds, lr {r.lr:g}; target slope 0 "
              f"unless shown)", "", f"| layer | role | checkpoint | {' | '.join(JUDGED)} |",
              "|---" * (3 + len(JUDGED)) + "|"]
     for layer, role in r.layers.items():

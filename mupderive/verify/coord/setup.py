@@ -66,17 +66,21 @@ class Derived:
 
     ``base`` is the model at the base (smallest) width and ``delta`` at another width (modules on the meta device,
     or their parameter shapes), as in the ``mup`` package: the dimensions that differ between the two scale, so the
-    model at the base width itself gets its roles (and the derived init at ratio 1) like every other width.
+    model at the base width itself gets its roles (and the derived init at ratio 1) like every other width. A base
+    shallower than the model gives the depth ratio too; ``depth_scaling=False`` takes the model as its own depth base
+    (the width-only parameterization: no branch multiplier, no depth factor).
     """
 
-    def __init__(self, module: ModuleType, base: Base, delta: Base, lr: float):
+    def __init__(self, module: ModuleType, base: Base, delta: Base, lr: float, depth_scaling: bool = True):
         self.module, self.base, self.delta, self.lr = module, base, delta, lr
+        self.depth_scaling = depth_scaling
 
     def bind(self, roles: dict[str, str]) -> None:
         """Roles come from ``MuP`` itself at every width."""
 
     def prepare(self, model: nn.Module, generator: torch.Generator) -> torch.optim.Optimizer:
         """Re-initialize ``model`` with the derived stds and build the optimizer with per-layer settings."""
-        p = self.module.MuP(model, self.base, delta=self.delta)
+        depth = {} if self.depth_scaling else {"depth_base": model}  # the model as its own depth base: width only
+        p = self.module.MuP(model, self.base, delta=self.delta, **depth)
         p.initialize_(generator=generator)
         return p.optimizer(lr=self.lr)

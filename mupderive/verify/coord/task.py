@@ -36,7 +36,9 @@ class MLPTask:
     name = "mlp"
     chance = math.log(VOCAB)
 
-    def build(self, width: int) -> nn.Module:
+    def build(self, width: int, depth: int | None = None) -> nn.Module:
+        if depth is not None:
+            raise MupError("the MLP has no residual blocks to scale in depth: use --model gpt or a model of your own")
         return MLP(self.context * VOCAB, width, VOCAB, self.depth)
 
     def batches(self, text: str, generator: torch.Generator, device: Device, batch_size: int) -> Batches:
@@ -73,8 +75,10 @@ class GPTTask:
     name = "gpt"
     chance = math.log(VOCAB)
 
-    def build(self, width: int) -> nn.Module:
-        return GPT(VOCAB, width, self.n_layer, self.n_head, self.block_size, self.attn_scale)
+    def build(self, width: int, depth: int | None = None) -> nn.Module:
+        """The GPT at ``width`` with ``depth`` blocks (default ``n_layer``)."""
+        return GPT(VOCAB, width, self.n_layer if depth is None else depth, self.n_head, self.block_size,
+                   self.attn_scale)
 
     def batches(self, text: str, generator: torch.Generator, device: Device, batch_size: int) -> Batches:
         return char_batches(text, self.block_size, batch_size, generator, device)
