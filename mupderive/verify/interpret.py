@@ -6,7 +6,8 @@ before its assignment is its previous value) and the parameter moves by ``W <- W
 only sets the state. Primitives are exact: ``matpow`` by ``eigh``, ``orthogonalize`` by SVD (the polar factor on the
 nonzero singular values), ``eigbasis`` by ``eigh`` (columns in descending eigenvalue order), singular bases by
 ``svd``. ``dW`` is ``W`` minus its value at the first step; ``total(x)``, a sum over all parameters, is ``x``
-itself: the interpreter runs one parameter, the optimizer's only one. ``decay_form`` ``after``/``proximal`` decays the updated weight; ``transpose_wide`` runs a matrix with
+itself: the interpreter runs one parameter, the optimizer's only one. ``decay_form`` ``after``/``proximal`` decays
+the updated weight; ``transpose_wide`` runs a matrix with
 fan_out < fan_in on its transpose. Every sum or comparison records its operands under :func:`term_key`, the key the
 scaling calculus' :class:`~mupderive.calculus.evaluate.Comparison` of the same node has, so compared terms can be
 measured.
