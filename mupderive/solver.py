@@ -26,7 +26,7 @@ from mupderive.calculus.evaluate import (
     Term,
     hyper_symbol,
 )
-from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame
 from mupderive.errors import CalculusError, MupError
 from mupderive.language.ir import names
@@ -170,16 +170,23 @@ def global_statistics(rule: Rule, layer: Layer, flags: dict[str, bool], signs: S
               for role in ROLES if role in rule.applies_to and role != layer.role}
     out = {}
     for text, mine in own.items():
-        terms = {role: c[text] for role, c in others.items() if text in c} | {layer.role: mine}
-        top = signs.max(*terms.values())
+        terms = {role: c[text] for role, c in others.items() if text in c}
+        try:
+            top = signs.max(*terms.values(), mine)
+            terms[layer.role], beyond = mine, ""
+        except Undecidable:  # symbolic fans (general formulas): this layer joins a model of the standard roles
+            if not terms:
+                raise
+            top = Signs().max(*terms.values())
+            beyond = f"; this layer's own n^{mine} is taken not to exceed it"
         leaders = [role for role, e in terms.items() if signs.compare(e, top) == 0]
         listed = ", ".join(f"{role} n^{e}" for role, e in terms.items())
         where = next(n.loc for n in body.totals if show_expr(n.args[0]) == text)
         note = (f"{rule.path or rule.name}:{where.line}:{where.col}: total({text}) sums over all parameters and is "
                 f"taken at its largest contribution, n^{top} from the {' and '.join(leaders)} layer(s) ({listed}; "
                 f"each at the spectral condition with multipliers 1 and the scale hyperparameters at n^0, the "
-                f"{layer.role} layer as derived here), so this layer's own term is scaled by n^{top - mine}; "
-                f"a model whose largest layer differs changes this exponent")
+                f"{layer.role} layer as derived here{beyond}), so this layer's own term is scaled by "
+                f"n^{top - mine}; a model whose largest layer differs changes this exponent")
         out[text] = (top - mine, note)
     _STATS[key] = out
     return out

@@ -38,7 +38,11 @@ Attention logits: scale ~ (head_dim / head_dim_base)^-1 (the usual head_dim^-1/2
 
 General formulas (multiplier 1, where the rule applies):
 
-    (none: the calculus could not decide every case)
+    init_std ~ Min(1/sqrt(fan_in), sqrt(fan_out)/fan_in)
+    lr ~ n/fan_in
+    d0 ~ 1/n
+    eps ~ 1/fan_out
+    weight_decay ~ fan_in
 
 If a hyperparameter is kept fixed (width-independent) instead:
 
