@@ -174,7 +174,7 @@ CASES = [
     ("state-named-t", edit(('state = { m = "zeros(G)" }', f'state = {{ m = "zeros(G)", t = {MARK}"zeros(G)" }}')),
      "invalid state name 't'", ""),
     # expression syntax and whitelist
-    ("unknown-name", direction(f"u + {MARK}foo"), "unknown name 'foo'", "one of: G, H, W, eps"),
+    ("unknown-name", direction(f"u + {MARK}foo"), "unknown name 'foo'", "one of: G, H, W, dW, eps"),
     ("unknown-function", direction(f"{MARK}tanh(u)"), "unknown function 'tanh'", "one of: sqrt, abs"),
     ("arity-sqrt", direction(f"{MARK}sqrt(u, u)"), "sqrt() takes 1 arguments, got 2", "sqrt: elementwise square root"),
     ("arity-clip", direction(f"{MARK}clip(u)"), "clip() takes 3 arguments, got 1", "clip(x, lo, hi)"),
