@@ -375,8 +375,10 @@ class Evaluator:
                 return own
             text = texts[0]
             self.contributions[text] = f.metric(own, "rms")
+            alone = ("the only parameter" if self.layer.variable == "n" else
+                     f"the sum over the blocks as {self.layer.variable} grows is not analysed")
             gap, note = self.totals.get(text, (ZERO, f"{self.path}:{node.loc.line}:{node.loc.col}: {show_expr(node)} "
-                                                     f"is taken as this parameter's own {text} (the only parameter)"))
+                                                     f"is taken as this parameter's own {text} ({alone})"))
             self.assumed.setdefault(f"total:{text}", note)
             return f.scale(own, gap)
         if fn == "outer":

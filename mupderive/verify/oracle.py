@@ -576,7 +576,8 @@ def run_oracle(rule: Rule | str | Path, derivation: Derivation | None = None,
                widths: tuple[int, ...] = DEFAULT_WIDTHS, steps: int = 3, seeds: int = SEEDS, seed: int = 0,
                tolerance: float = 0.1, device: str = "cpu", roles: tuple[str, ...] = ROLES,
                progress: bool = False) -> Report:
-    """Measure ``rule``'s implementation against ``derivation`` (default: ``derive(rule)``)."""
+    """Measure ``rule``'s implementation against ``derivation`` (default: ``derive(rule)``, with
+    ``totals="alone"`` where the rule reads a total(): the real class steps one parameter)."""
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
     # a global statistic (total()) over the one parameter the oracle steps is that parameter's own term
     derivation = derivation or derive(rule, totals="alone" if uses_totals(rule) else "model")
@@ -586,6 +587,10 @@ def run_oracle(rule: Rule | str | Path, derivation: Derivation | None = None,
     if steps < 2:
         raise MupError(f"--steps {steps}: need at least 2 (rules may skip the first step)")
     plans = [plan_role(rule, derivation.layers[role], widths[0]) for role in roles]
+    if uses_totals(rule):
+        for plan in plans:
+            plan.notes.insert(0, "total(): the real class runs this one parameter, so every sum over parameters is "
+                                 "its own term (derived with totals='alone'; the law across layers is the model's)")
     for plan in plans:
         calibrate(plan, steps, seed, device, widths[-1])
     total = sum(len(p.scenarios) for p in plans) * seeds * len(widths)
