@@ -7,7 +7,8 @@ Per layer with multiplier ``n^m``, spectral condition (THEORY section 2) on the 
 
 with the hyperparameter exponents inside ``U`` fixed by regime preservation (the balance points of
 :mod:`mupderive.calculus.evaluate`). The abc-symmetry degree is ``kappa = lr(m) - lr(m + 1)``; an ``if_fixed`` scenario
-pins one hyperparameter at exponent 0 and lets the larger term win everywhere.
+pins one hyperparameter at exponent 0 and lets the larger term win everywhere. A ``total(x)``, summed over all
+parameters, scales as its largest contribution among the model's layers (:func:`global_statistics`, stated as a note).
 """
 
 from __future__ import annotations
@@ -180,10 +181,12 @@ def global_statistics(rule: Rule, layer: Layer, flags: dict[str, bool], signs: S
             top = Signs().max(*terms.values())
             beyond = f"; this layer's own n^{mine} is taken not to exceed it"
         leaders = [role for role, e in terms.items() if signs.compare(e, top) == 0]
+        who = "every layer" if len(leaders) == len(terms) else (
+            f"the {' and '.join(leaders)} layer{'s' if len(leaders) > 1 else ''}")
         listed = ", ".join(f"{role} n^{e}" for role, e in terms.items())
         where = next(n.loc for n in body.totals if show_expr(n.args[0]) == text)
         note = (f"{rule.path or rule.name}:{where.line}:{where.col}: total({text}) sums over all parameters and is "
-                f"taken at its largest contribution, n^{top} from the {' and '.join(leaders)} layer(s) ({listed}; "
+                f"taken at its largest contribution, n^{top} from {who} ({listed}; "
                 f"each at the spectral condition with multipliers 1 and the scale hyperparameters at n^0, the "
                 f"{layer.role} layer as derived here{beyond}), so this layer's own term is scaled by "
                 f"n^{top - mine}; a model whose largest layer differs changes this exponent")

@@ -2,7 +2,9 @@
 
 The layer's inputs come from the spectral condition (THEORY section 3): the gradient is low-rank with
 ``|G|_* = n^{(i-o)/2 + m}``; the weight is its init (dense, entry RMS ``n^init``) plus accumulated updates at the
-spectral scale; the Hutchinson estimate is dense noise of size ``|G|_F`` times ``G``'s entries.
+spectral scale; the Hutchinson estimate is dense noise of size ``|G|_F`` times ``G``'s entries; ``dW = W - W0`` is
+those accumulated updates alone (for a step run at a given lr: ``lr`` times the step). ``total(x)`` is this layer's
+``x`` scaled by the gap to the largest layer's, which the solver supplies.
 
 Every sum or comparison whose terms depend on different scale-carrying hyperparameters is a *balance point*: with
 ``balance=True`` the evaluator solves for the unknown hyperparameter exponent that keeps the terms of the same
