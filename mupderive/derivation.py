@@ -225,12 +225,13 @@ def attention_scale(head_dim: Exp = ONE) -> AttentionDerivation:
 
 def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[Fix, ...] | list[Fix] = (),
            options: dict[str, bool] | None = None, layers: dict[str, tuple[Fraction, Fraction]] | None = None,
-           depth: Depth | None = None) -> Derivation:
+           depth: Depth | None = None, totals: str = "model") -> Derivation:
     """Derive every layer role's exponents for ``rule`` (a :class:`Rule`, built-in name or file path).
 
     ``layers`` adds matrices with any fan exponents, e.g. ``{"ffn": (1, 1), "bottleneck": (Fraction(1, 2), 1)}``;
     they use the rule that covers hidden matrices (and sit inside residual branches). ``depth`` adds the exponents
-    of the depth ratio (:mod:`mupderive.depth`).
+    of the depth ratio (:mod:`mupderive.depth`). ``totals="alone"`` derives every layer as the optimizer's only
+    parameter (a ``total()`` is its own term: what the oracle runs), the default as one layer of the whole model.
     """
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
     if convention not in CONVENTIONS:
@@ -248,7 +249,7 @@ def derive(rule: Rule | str | Path, convention: str = "spectral", fixes: tuple[F
         applied = rule if covered in rule.applies_to else fallback
         knobs = {f.knob: Exp(f.value) for f in fixes if f.role == role}
         m0 = CONVENTIONS[convention].get(role, Fraction(0))
-        results[role] = _derive_layer(applied, role, m0, knobs, rule_flags(applied, options), role_fans)
+        results[role] = _derive_layer(applied, role, m0, knobs, rule_flags(applied, options), role_fans, totals)
         if depth is not None:
             scope = "branch" if covered in BRANCH_ROLES else "outside"
             deep[role] = derive_depth_layer(applied, role, alpha, role == "vector", rule_flags(applied, options),
@@ -294,9 +295,9 @@ def rule_flags(rule: Rule, options: dict[str, bool] | None = None) -> dict[str, 
 
 
 def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], flags: dict[str, bool],
-                  fans: tuple[Exp, Exp]) -> LayerDerivation:
+                  fans: tuple[Exp, Exp], totals: str = "model") -> LayerDerivation:
     signs = Signs()
-    probe = make_layer(role, ZERO, fans=fans)
+    probe = make_layer(role, ZERO, fans=fans, totals=totals)
     bound0 = init_bound(probe.o, probe.i, ZERO, signs)
     m = knobs.get("multiplier", Exp(m0))
     init = None
@@ -311,9 +312,9 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
             init = knobs["init_std"]
         else:
             m = bound0 - knobs["init_std"]  # keep the init at the spectral bound by moving the multiplier
-    balanced = balance_layer(rule, make_layer(role, m, init, fans=fans), flags)
-    shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans), flags)
-    at_bound = balanced if init is None else balance_layer(rule, make_layer(role, m, fans=fans), flags)
+    balanced = balance_layer(rule, make_layer(role, m, init, fans=fans, totals=totals), flags)
+    shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans, totals=totals), flags)
+    at_bound = balanced if init is None else balance_layer(rule, make_layer(role, m, fans=fans, totals=totals), flags)
     kappa = at_bound.lr - shifted.lr  # abc-symmetry: init moves with the multiplier
     if "lr" in knobs and knobs["lr"] != balanced.lr:
         if "multiplier" in knobs or "init_std" in knobs or kappa == ZERO:
@@ -321,8 +322,8 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
                            f"gives lr = n^{balanced.lr}" + (" (kappa = 0: no multiplier can change it)"
                                                             if kappa == ZERO else ""))
         m = m + (balanced.lr - knobs["lr"]) / kappa.const
-        balanced = balance_layer(rule, make_layer(role, m, fans=fans), flags)
-        shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans), flags)
+        balanced = balance_layer(rule, make_layer(role, m, fans=fans, totals=totals), flags)
+        shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans, totals=totals), flags)
     used = [h for h in rule.scale_hypers if h.name in balanced.hyper]  # the others: not read by this role's rule
     regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in used}
     notes = list(balanced.notes) + literal_notes(rule, balanced, shifted, flags)

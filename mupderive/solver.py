@@ -8,7 +8,8 @@ Per layer with multiplier ``n^m``, spectral condition (THEORY section 2) on the 
 with the hyperparameter exponents inside ``U`` fixed by regime preservation (the balance points of
 :mod:`mupderive.calculus.evaluate`). The abc-symmetry degree is ``kappa = lr(m) - lr(m + 1)``; an ``if_fixed`` scenario
 pins one hyperparameter at exponent 0, the others at the rule's defaults (one that defaults to 0 is absent), and lets
-the larger term win everywhere.
+the larger term win everywhere. A ``total(x)``, summed over all parameters, scales as its largest contribution among
+the model's layers (:func:`global_statistics`, stated as a note).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mupderive.calculus.evaluate import (
     Term,
     hyper_symbol,
 )
-from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs
+from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame
 from mupderive.errors import CalculusError, MupError
 from mupderive.language.ir import names
@@ -124,15 +125,78 @@ def _evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, 
               signs: Signs | None, lr: Exp | None) -> Outcome:
     body = rule.body(layer.role if layer.vector else "matrix")
     if signs is not None and signs.assumptions:
-        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance, lr).run()
+        totals = global_statistics(rule, layer, flags, signs)
+        return Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, balance, lr,
+                         totals).run()
     key = (rule.digest, layer, tuple(sorted(flags.items())), tuple(sorted(pins.items(), key=str)),
            balance, lr)
     if key not in _MEMO:
         if len(_MEMO) > 4096:
             _MEMO.clear()
         _MEMO[key] = Evaluator(rule.path or rule.name, body, rule.hypers, layer, Signs(), pins, flags,
-                               balance, lr).run()
+                               balance, lr, global_statistics(rule, layer, flags, Signs())).run()
     return _MEMO[key]
+
+
+def _contributions(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs) -> dict[str, Exp]:
+    """Each ``total(x)``'s own term ``x`` in ``layer``, with every scale hyperparameter at exponent 0 (so a scalar
+    shared by all layers, like Prodigy's ``d``, has one exponent in all of them); ``dW`` at the spectral scale."""
+    body = rule.body(layer.role if layer.vector else "matrix")
+    pins = {h.name: ZERO for h in rule.scale_hypers}
+    found = Evaluator(rule.path or rule.name, body, rule.hypers, layer, signs, pins, flags, False).run().contributions
+    for call in body.totals:
+        e = found.get(show_expr(call.args[0]))
+        if e is not None and LR_SYMBOL in e.symbols:
+            raise CalculusError(f"{rule.path or rule.name}:{call.loc.line}:{call.loc.col}: {show_expr(call)} reads "
+                                f"the learning rate, whose exponent differs between layers: its largest "
+                                f"contribution cannot be told; move lr out of total()")
+    return found
+
+
+def global_statistics(rule: Rule, layer: Layer, flags: dict[str, bool], signs: Signs
+                      ) -> dict[str, tuple[Exp, str]] | None:
+    """``total(x)`` sums ``x`` over every parameter; it scales as its largest contribution (THEORY section 6).
+    Returns, per ``x``, the gap from this layer's ``x`` to the largest of the model's layers (input, hidden, output,
+    vector at the spectral condition, multipliers 1, this layer as it is) and the note that states it; None where
+    the rule has no total() or the layer is the optimizer's only parameter (``totals="alone"``)."""
+    body = rule.body(layer.role if layer.vector else "matrix")
+    if not body.totals:
+        return None
+    if layer.totals == "alone" or layer.variable != "n":
+        return None
+    key = (rule.digest, layer, tuple(sorted(flags.items())), tuple(sorted(signs.assumptions.items())))
+    if key in _STATS:
+        return _STATS[key]
+    own = _contributions(rule, layer, flags, signs)
+    others = {role: _contributions(rule, make_layer(role, ZERO), flags, Signs())
+              for role in ROLES if role in rule.applies_to and role != layer.role}
+    out = {}
+    for text, mine in own.items():
+        terms = {role: c[text] for role, c in others.items() if text in c}
+        try:
+            top = signs.max(*terms.values(), mine)
+            terms[layer.role], beyond = mine, ""
+        except Undecidable:  # symbolic fans (general formulas): this layer joins a model of the standard roles
+            if not terms:
+                raise
+            top = Signs().max(*terms.values())
+            beyond = f"; this layer's own n^{mine} is taken not to exceed it"
+        leaders = [role for role, e in terms.items() if signs.compare(e, top) == 0]
+        who = "every layer" if len(leaders) == len(terms) else (
+            f"the {' and '.join(leaders)} layer{'s' if len(leaders) > 1 else ''}")
+        listed = ", ".join(f"{role} n^{e}" for role, e in terms.items())
+        where = next(n.loc for n in body.totals if show_expr(n.args[0]) == text)
+        note = (f"{rule.path or rule.name}:{where.line}:{where.col}: total({text}) sums over all parameters and is "
+                f"taken at its largest contribution, n^{top} from {who} ({listed}; "
+                f"each at the spectral condition with multipliers 1 and the scale hyperparameters at n^0, the "
+                f"{layer.role} layer as derived here{beyond}), so this layer's own term is scaled by "
+                f"n^{top - mine}; a model whose largest layer differs changes this exponent")
+        out[text] = (top - mine, note)
+    _STATS[key] = out
+    return out
+
+
+_STATS: dict[tuple, dict[str, tuple[Exp, str]]] = {}
 
 
 def gradient_inputs(body: Body) -> set[str]:
@@ -200,11 +264,13 @@ def _resolve(clash: Conflict, signs: Signs, notes: list[str], v: str = "n") -> E
 
 
 def make_layer(role: str, m: Exp, init: Exp | None = None, signs: Signs | None = None,
-               fans: tuple[Exp, Exp] | None = None) -> Layer:
-    """A layer with multiplier ``n^m``; ``init`` defaults to the spectral bound."""
+               fans: tuple[Exp, Exp] | None = None, totals: str = "model") -> Layer:
+    """A layer with multiplier ``n^m``; ``init`` defaults to the spectral bound; ``totals`` says what a total()
+    sums over (the model's layers, or this parameter ``"alone"``)."""
     o, i = fans or (Exp(FANS[role][0]), Exp(FANS[role][1]))
     signs = signs or Signs()
-    return Layer(role, o, i, m, init_bound(o, i, m, signs) if init is None else init, vector=role == "vector")
+    return Layer(role, o, i, m, init_bound(o, i, m, signs) if init is None else init, vector=role == "vector",
+                 totals=totals)
 
 
 @dataclass(frozen=True)

@@ -223,3 +223,67 @@ def test_state_dict_round_trips():
     second.load_state_dict(first.state_dict())
     assert second.param_groups[0]["lr"] == 1e-2
     assert all(torch.equal(second.state[p]["m"], first.state[p]["m"]) for p in params)
+
+
+PRODIGY = {"lr": 1.0, "beta1": 0.8, "beta2": 0.95, "beta3": 0.9, "d0": 1e-3, "d_coef": 0.5, "eps": 1e-6,
+           "weight_decay": 0.1}
+
+
+def _toward_targets(make, steps: int = 25):
+    """Parameters after each step on gradients W - target + noise (d keeps growing while the steps approach the
+    targets), and the optimizer."""
+    params = [p.requires_grad_() for p in tensors(0)]
+    optimizer = make(params)
+    g = torch.Generator().manual_seed(1)
+    targets = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    history = []
+    for _ in range(steps):
+        for p, target in zip(params, targets, strict=True):
+            p.grad = p.detach() - target + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+        optimizer.step()
+        history.append([p.detach().clone() for p in params])
+    return history, optimizer
+
+
+def _library_prodigy(params):
+    h = PRODIGY
+    return pytorch_optimizer.Prodigy(params, lr=h["lr"], betas=(h["beta1"], h["beta2"]), beta3=h["beta3"], d0=h["d0"],
+                                     d_coef=h["d_coef"], eps=h["eps"], weight_decay=h["weight_decay"])
+
+
+def test_compiled_prodigy_shares_d_across_parameters_as_the_library_does():
+    """total(): the compiled step runs every parameter side by side and sums <G, W0 - W> and |s|_1 over all of them,
+    so the one d it adapts (here from 1e-3 to ~0.3) is the library's. The library accumulates those sums in float32
+    tensors (torch.tensor([0.0])): with float64 ones the trajectories agree to rounding, with its own to ~1e-7."""
+    cls = compiled_class("prodigy")
+    ours, optimizer = _toward_targets(lambda p: cls(p, **PRODIGY))
+    ds = {optimizer.state[p]["d"].item() for p in optimizer.state}
+    assert len(ds) == 1 and ds.pop() > 100 * PRODIGY["d0"]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        exact, library = _toward_targets(_library_prodigy)
+    finally:
+        torch.set_default_dtype(default)
+    assert_trajectories_close(ours, exact, rtol=1e-10, atol=1e-12)
+    float32_sums, _ = _toward_targets(_library_prodigy)
+    assert_trajectories_close(ours, float32_sums, rtol=1e-5, atol=1e-7)
+    # one parameter alone has a d of its own: the statistic really is summed over the parameters
+    alone, _ = _toward_targets(lambda p: cls(p[:1], **PRODIGY))
+    assert not torch.allclose(alone[-1][0], ours[-1][0])
+
+
+def test_compiled_prodigy_on_one_parameter_matches_the_interpreter():
+    """With one parameter, total(x) is x: the compiled step and mupderive.verify.interpret agree."""
+    loaded = load_rule("prodigy")
+    cls = compiled_class("prodigy")
+    param = tensors(3)[0].requires_grad_()
+    optimizer = cls([param], **PRODIGY)
+    reference = Interpreter(loaded, "hidden", PRODIGY)
+    expected = param.detach().clone()
+    grads = torch.Generator().manual_seed(4)
+    for step in range(1, 8):
+        param.grad = expected - 1.0 + 0.1 * torch.randn(param.shape, generator=grads, dtype=param.dtype)
+        expected = reference.step(expected, param.grad).W
+        optimizer.step()
+        assert torch.allclose(param.detach(), expected, rtol=1e-9, atol=1e-12), f"step {step}"

@@ -52,6 +52,7 @@ def _trajectories(name: str, role: str = "hidden", steps: int = 4, **overrides):
     ("signsgd", {"weight_decay": 0.5}),
     ("soap", {"weight_decay": 0.3, "eps": 1e-3, "precondition_frequency": 100}),
     ("soap", {"normalize_gradient": True, "correct_bias": False, "eps": 1e-3}),
+    ("prodigy", {"weight_decay": 0.3, "eps": 1e-3, "d0": 1e-2, "lr": 0.5}),  # one parameter: total(x) is its own x
 ])
 def test_interpreter_reproduces_the_implementation_exactly(name, overrides):
     W0, ours, theirs = _trajectories(name, **overrides)

@@ -171,3 +171,24 @@ def test_cli_writes_json_and_a_plot(tmp_path, capsys):
 def test_cli_rejects_bad_options(args, capsys):
     assert main(["oracle", "sgd", *args]) == 2
     assert "mupderive:" in capsys.readouterr().err
+
+
+def test_prodigy_d_follows_the_largest_layer_of_the_model_and_the_oracle_runs_one_parameter():
+    """Prodigy's d = sum over parameters of <G, W0 - W> / sum of |s|_1 (issue 13). In a model, every layer's
+    <G, dW> is Theta(1) at the spectral condition while |s|_1 ~ fan_in is largest on the hidden and output layers
+    (n^1): d ~ n^-1 for every layer, and each lr is Adam's times n. The engine states that assumption at the
+    total()'s file:line:col. The oracle steps the real class on one parameter, where the sums are that
+    parameter's own (d ~ 1/fan_in): it derives with totals="alone", each lr Adam's divided by that d."""
+    model, alone, adam = derive("prodigy"), derive("prodigy", totals="alone"), derive("adam")
+    for role in ("input", "hidden", "output", "vector"):
+        assert model.layers[role].hyper["d0"] == -1, role
+        assert model.layers[role].lr == adam.layers[role].lr + 1, role
+        assert alone.layers[role].hyper["d0"] == -Fraction(0 if role in ("input", "vector") else 1), role
+        assert alone.layers[role].lr == adam.layers[role].lr - alone.layers[role].hyper["d0"], role
+        notes = " ".join(model.layers[role].notes)
+        assert "prodigy.toml:30:27: total(sum(abs(s))) sums over all parameters" in notes, notes
+        assert "n^1 from the" in notes and "hidden" in notes
+    rep = report("prodigy")
+    hidden = next(r for r in rep.roles if r.role == "hidden")
+    d_check = next(c for c in hidden.results[0].checks if c.quantity.label.startswith("d in max("))
+    assert d_check.passed and d_check.quantity.predicted == -1

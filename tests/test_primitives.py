@@ -15,6 +15,8 @@ import torch
 
 from mupderive.calculus.exponent import Exp, Signs
 from mupderive.calculus.value import Frame, Part, Value, scalar
+from mupderive.language.load import load_rule
+from mupderive.solver import global_statistics, make_layer
 from mupderive.verify.fit import fit_slope
 from mupderive.verify.interpret import eigbasis, matpow, orthogonalize, singular_basis
 from mupderive.verify.synthetic import spectral_norm
@@ -155,6 +157,15 @@ CASES = [
          lambda f: f.axis_mean(f.power(outer(ZERO), Fraction(2), "even"), 1), ("rms", "fro")),
     Case("col_mean(abs(Z))", lambda g: g.dense(0).abs().mean(dim=0),
          lambda f: f.axis_mean(dense(ZERO, nonneg=True), 0), ("rms", "fro")),
+    Case("sum(abs(G))", lambda g: g.outer(0).abs().sum(),
+         lambda f: f.entry_sum(f.power(outer(ZERO), Fraction(1), "even")), ("rms",)),
+    Case("sum(abs(G)) tall", lambda g: g.outer(0).abs().sum(),
+         lambda f: f.entry_sum(f.power(outer(ZERO), Fraction(1), "even")), ("rms",), tall=True),
+    Case("sum(abs(Z))", lambda g: g.dense(0).abs().sum(), lambda f: f.entry_sum(dense(ZERO, nonneg=True)), ("rms",)),
+    Case("dot(G, sign(G))", lambda g: (lambda G: (G * G.sign()).sum())(g.outer(0)),
+         lambda f: f.dot(outer(ZERO), f.power(outer(ZERO), Fraction(0), "odd")), ("rms",)),
+    Case("dot(G, Z)", lambda g: (g.outer(0) * g.dense(0)).sum(), lambda f: f.dot(outer(ZERO), dense(ZERO)), ("rms",)),
+    Case("dot(Z, Z')", lambda g: (g.dense(0) * g.dense(0)).sum(), lambda f: f.dot(dense(ZERO), dense(ZERO)), ("rms",)),
     Case("outer(u, v)", lambda g: torch.outer(g.vector(Fraction(-1, 2)), g.vector(Fraction(-1, 2))),
          lambda f: f.outer(outer(Fraction(-1, 2), ("o",)), outer(Fraction(-1, 2), ("o",)))),
     Case("matpow(outer(g, g) + eps I, -1/2) @ g", lambda g: _shampoo_vector(g),
@@ -324,3 +335,62 @@ def test_fit_recovers_a_known_slope_and_rejects_one_width():
     with pytest.raises(ValueError):
         fit_slope([64, 64], [1.0, 2.0])
     assert math.isinf(fit_slope([64, 128], [1.0, 2.0]).ci)
+
+
+TOTAL_RULE = '''name = "probe_total"
+title = "probe"
+paper = "none"
+[implementation]
+[hyperparameters]
+lr = { role = "lr", default = 0.1 }
+[update]
+compute = """
+a = total(sum(abs(G)))
+"""
+direction = "G / a"
+'''
+FANS_AT = {"input": (1, 0), "hidden": (1, 1), "output": (0, 1), "vector": (1, 0)}
+
+
+def _spectral_gradient(role: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """A batch-built gradient of the role at width n: rank one, |G|_F = sqrt(fan_in / fan_out) (fixed sides 4)."""
+    o, i = (n if e else FIXED for e in FANS_AT[role])
+    if role == "vector":
+        o, i = n, 1
+    u, v = torch.randn(o, generator=gen, dtype=torch.float64), torch.randn(i, generator=gen, dtype=torch.float64)
+    G = torch.outer(u / u.norm(), v / v.norm()) * math.sqrt(i / o)
+    return G[:, 0] if role == "vector" else G
+
+
+def test_total_scales_as_its_largest_contribution(tmp_path):
+    """total(x) over a model's parameters: measured on spectral-condition gradients of the four roles, the sum of
+    sum(abs(G)) scales as its largest terms (hidden and output, n^1), as the solver states; each role's own term
+    scales as its contribution (the input layer's n^0), and the gap the solver scales it by closes the difference."""
+    path = tmp_path / "probe_total.toml"
+    path.write_text(TOTAL_RULE)
+    rule = load_rule(path)
+    predicted = {}
+    for role in FANS_AT:
+        layer = make_layer(role, Exp(0))
+        ((gap, note),) = global_statistics(rule, layer, {}, Signs()).values()
+        own = Frame({"o": layer.o, "i": layer.i, "r": Exp(0)}, Signs())
+        grad = Value(layer.shape, (Part("outer", layer.grad_norm),))
+        mine = own.metric(own.entry_sum(own.power(grad, Fraction(1), "even")), "rms")
+        predicted[role] = (mine, mine + gap)
+        assert "from the hidden and output layer" in note or "from the output and hidden layer" in note, note
+    assert {top for _, top in predicted.values()} == {Exp(1)}, predicted
+    assert predicted["input"][0] == Exp(0) and predicted["hidden"][0] == Exp(1)
+    xs, totals, own_terms = [], [], {role: [] for role in FANS_AT}
+    for n in WIDTHS:
+        for seed in SEEDS:
+            gen = torch.Generator().manual_seed(seed * 31 + n)
+            terms = {role: float(_spectral_gradient(role, n, gen).abs().sum()) for role in FANS_AT}
+            xs.append(n)
+            totals.append(sum(terms.values()))
+            for role, value in terms.items():
+                own_terms[role].append(value)
+    fit = fit_slope(xs, totals)
+    assert abs(fit.slope - 1) <= max(TOLERANCE, fit.ci), fit
+    for role, values in own_terms.items():
+        mine = fit_slope(xs, values)
+        assert abs(mine.slope - float(predicted[role][0].const)) <= max(TOLERANCE, mine.ci), (role, mine)

@@ -1,4 +1,4 @@
-"""The 15 built-in rules: they load, are complete, print back to equal IR and mirror real constructor arguments."""
+"""The 16 built-in rules: they load, are complete, print back to equal IR and mirror real constructor arguments."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from mupderive.language.printer import show_expr, show_rule
 from mupderive.language.rule import HYPER_ROLES, ROLES, Body, Rule
 from mupderive.verify.train import constructor_arguments, import_class
 
-EXPECTED = ["adafactor", "adam", "adam_atan2", "adamw", "adopt", "galore", "lamb", "lion", "muon", "rmsprop", "sgd",
-            "shampoo", "signsgd", "soap", "sophia"]
+EXPECTED = ["adafactor", "adam", "adam_atan2", "adamw", "adopt", "galore", "lamb", "lion", "muon", "prodigy", "rmsprop",
+            "sgd", "shampoo", "signsgd", "soap", "sophia"]
 NAMES = builtin_rule_names()
 
 
@@ -38,7 +38,7 @@ def expressions(body: Body) -> Iterator[tuple[str, Expr]]:
         yield "decay", body.decay
 
 
-def test_exactly_the_fifteen_builtin_rules():
+def test_exactly_the_sixteen_builtin_rules():
     assert sorted(NAMES) == EXPECTED
 
 

@@ -174,7 +174,7 @@ CASES = [
     ("state-named-t", edit(('state = { m = "zeros(G)" }', f'state = {{ m = "zeros(G)", t = {MARK}"zeros(G)" }}')),
      "invalid state name 't'", ""),
     # expression syntax and whitelist
-    ("unknown-name", direction(f"u + {MARK}foo"), "unknown name 'foo'", "one of: G, H, W, eps"),
+    ("unknown-name", direction(f"u + {MARK}foo"), "unknown name 'foo'", "one of: G, H, W, dW, eps"),
     ("unknown-function", direction(f"{MARK}tanh(u)"), "unknown function 'tanh'", "one of: sqrt, abs"),
     ("arity-sqrt", direction(f"{MARK}sqrt(u, u)"), "sqrt() takes 1 arguments, got 2", "sqrt: elementwise square root"),
     ("arity-clip", direction(f"{MARK}clip(u)"), "clip() takes 3 arguments, got 1", "clip(x, lo, hi)"),
@@ -311,6 +311,14 @@ CASES = [
      "unknown decay_form 'later'", "after, proximal"),
     ("decay-form-without-decay", edit(('decay = "eps"', f'decay_form = {MARK}"after"')),
      "decay_form 'after' needs a decay", ""),
+    # global statistics and reductions
+    ("total-of-a-matrix", direction(f"u / {MARK}total(G)"), "total() of a (fan_out x fan_in) value",
+     "a per-parameter scalar"),
+    ("total-inside-total", direction(f"u / {MARK}total(total(sum(abs(G))))"), "total() inside total()", ""),
+    ("dot-shape-mismatch", direction(f"u / {MARK}dot(G, row_mean(G**2))"),
+     "dot() of (fan_out x fan_in) and (fan_out)", "one shape"),
+    ("sum-of-a-scalar", direction(f"u / {MARK}sum(eps)"), "sum() of a scalar", "sum(abs(s))"),
+    ("dW-assigned", compute(f"{MARK}dW = G", "u = dW"), "cannot assign", ""),
     # locations inside strings whose text is not verbatim in the file
     ("escaped-basic-string", edit(("compute = '''\nm = ema(m, G, momentum)\nu = m / (fro_norm(m) + eps)\n'''",
                                    f'compute = "{MARK}m = ema(m, G, momentum)\\nu = m + foo"')),

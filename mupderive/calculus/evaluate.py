@@ -2,7 +2,9 @@
 
 The layer's inputs come from the spectral condition (THEORY section 3): the gradient is low-rank with
 ``|G|_* = n^{(i-o)/2 + m}``; the weight is its init (dense, entry RMS ``n^init``) plus accumulated updates at the
-spectral scale; the Hutchinson estimate is dense noise of size ``|G|_F`` times ``G``'s entries.
+spectral scale; the Hutchinson estimate is dense noise of size ``|G|_F`` times ``G``'s entries; ``dW = W - W0`` is
+those accumulated updates alone (for a step run at a given lr: ``lr`` times the step). ``total(x)`` is this layer's
+``x`` scaled by the gap to the largest layer's, which the solver supplies.
 
 Every sum or comparison whose terms depend on different scale-carrying hyperparameters is a *balance point*: with
 ``balance=True`` the evaluator solves for the unknown hyperparameter exponent that keeps the terms of the same
@@ -49,6 +51,7 @@ class Layer:
     grad_shift: Exp = ZERO  # extra exponent of the backpropagated gradient (0 under the spectral condition)
     target_shift: Exp = ZERO  # extra exponent of the update target |dW_eff|_* (0: the spectral condition's)
     variable: str = "n"  # the scaling variable the exponents are powers of, as messages name it
+    totals: str = "model"  # total(): summed over the model's layers ("model") or this parameter only ("alone")
 
     @property
     def shape(self) -> tuple[str, ...]:
@@ -125,6 +128,7 @@ class Outcome:
     solved: dict[str, Exp]
     free: list[str] = field(default_factory=list)
     assumed: tuple[str, ...] = ()  # what the calculus took for granted (e.g. the span a basis rotates)
+    contributions: dict[str, Exp] = field(default_factory=dict)  # total(x): this layer's x, by the text of x
 
 
 class Conflict(Exception):
@@ -153,8 +157,8 @@ class Evaluator:
     """One evaluation of a body for one layer; see the module docstring."""
 
     def __init__(self, path: str, body: Body, hypers: tuple[Hyper, ...], layer: Layer, signs: Signs,
-                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool, lr: Exp | None = None
-                 ) -> None:
+                 pinned: dict[str, Exp | None], flags: dict[str, bool], balance: bool, lr: Exp | None = None,
+                 totals: dict[str, tuple[Exp, str]] | None = None) -> None:
         self.path, self.body, self.layer, self.signs = path, body, layer, signs
         self.lr = Exp.sym(LR_SYMBOL) if lr is None else lr  # lr read in expressions: constant over steps
         self.hypers = {h.name: h for h in hypers}
@@ -169,6 +173,9 @@ class Evaluator:
         self.solved_by: dict[str, Comparison] = {}
         self.comparisons: list[Comparison] = []
         self.assumed: dict[str, str] = {}  # basis primitive -> the assumption made, at its first use
+        # total(x): the exponent gap from this layer's x to the largest contribution, and the note stating it
+        self.totals = totals or {}
+        self.contributions: dict[str, Exp] = {}
 
     # -- the layer's inputs ----------------------------------------------------------------------------------
     def inputs(self) -> dict[str, Value]:
@@ -181,6 +188,8 @@ class Evaluator:
         env = {
             "G": Value(shape, (Part("outer", g),)),
             "W": self.frame.merge(shape, weight),
+            # the accumulated updates: batch-aligned at the spectral condition's scale (zero only at the first step)
+            "dW": Value(shape, (Part("outer", layer.target - layer.m),)),
             "H": Value(shape, (Part("dense", g_rms + g),)),
             "t": scalar(ZERO, True),
             "fan_in": scalar(layer.o if self.transposed else layer.i, True),
@@ -224,13 +233,19 @@ class Evaluator:
                 finally:
                     self.frame = body_frame
             new_states = {name: self.settle(env[name]) for name in states}
-            snapshot = new_states
+            if "dW" in self.body.reads and LR_SYMBOL not in self.lr.symbols:
+                # a step run at a given lr moves W by lr (U + decay W) each step, on or off the spectral scale
+                # (its parts name no hyperparameter: the whole step sets them, none is compared through them)
+                moved = self.settle(self.frame.scale(self.param_frame.broadcast(total, self.layer.shape), self.lr))
+                moved = Value(moved.shape, tuple(replace(p, hypers=frozenset()) for p in moved.parts))
+                base["dW"] = self.frame.transpose(Value(moved.shape[::-1], moved.parts)) if self.transposed else moved
+            snapshot = new_states | {"dW": base["dW"]}
             if snapshot == previous:
                 free = sorted({s for v in env.values() for p in self.settle(v).parts for s in p.e.symbols})
                 values = {name: self.settle(value) for name, value in env.items()}
                 return Outcome(values, self.settle(direction), self.settle(total), self.comparisons,
                                dict(self.solved), [s.split(":", 1)[1] for s in free if s.startswith("hyper:")],
-                               tuple(self.assumed.values()))
+                               tuple(self.assumed.values()), dict(self.contributions))
             previous, states = snapshot, new_states
         grown = [n for n in states if previous and previous.get(n) != states.get(n)]
         raise CalculusError(f"{self.path}: state {', '.join(grown) or '?'} has no steady width scale: it keeps "
@@ -364,6 +379,25 @@ class Evaluator:
             return f.norm(self.settle(args[0]), metric)
         if fn in ("row_mean", "col_mean"):
             return f.axis_mean(args[0], 1 if fn == "row_mean" else 0)
+        if fn == "sum":
+            return f.entry_sum(self.settle(args[0]))
+        if fn == "dot":
+            self.assumed.setdefault(fn, f"{self.path}:{node.loc.line}:{node.loc.col}: {show_expr(node)}: two "
+                                    f"batch-built quantities are taken aligned, their inner product a coherent sum "
+                                    f"|a|_F |b|_F (as when the updates follow the gradients' directions)")
+            return f.dot(self.settle(args[0]), self.settle(args[1]))
+        if fn == "total":
+            own = self.settle(args[0])
+            if own.is_zero:
+                return own
+            text = texts[0]
+            self.contributions[text] = f.metric(own, "rms")
+            alone = ("the only parameter" if self.layer.variable == "n" else
+                     f"the sum over the blocks as {self.layer.variable} grows is not analysed")
+            gap, note = self.totals.get(text, (ZERO, f"{self.path}:{node.loc.line}:{node.loc.col}: {show_expr(node)} "
+                                                     f"is taken as this parameter's own {text} ({alone})"))
+            self.assumed.setdefault(f"total:{text}", note)
+            return f.scale(own, gap)
         if fn == "outer":
             return f.outer(args[0], args[1])
         raise CalculusError(f"no scaling rule for {fn}()")

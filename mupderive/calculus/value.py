@@ -508,6 +508,34 @@ class Frame:
             return Value((), ())
         return scalar(e, True, a.hypers, self.metric_log(a, metric))
 
+    def entry_sum(self, a: Value) -> Value:
+        """``sum(x)`` of a nonnegative ``x``: its mean times its number of entries, ``n^{rms + p + q}``."""
+        if not a.nonneg:
+            raise CalculusError("sum() of a quantity that can be negative: its size depends on how its signs cancel "
+                                "(sum(abs(x)) or dot(a, b) state it)")
+        p, q = self.pq(a.shape)
+        return self.scale(self.norm(a, "mean"), p + q)
+
+    def dot(self, a: Value, b: Value) -> Value:
+        """``<a, b> = sum(a * b)``: ``|a|_F |b|_F`` between batch-built (outer) parts, which share the batch's
+        directions and add coherently, and between parts of one sign; ``|a|_F |b|_F / sqrt(pq)`` (an incoherent sum
+        of ``pq`` products) otherwise."""
+        shape = a.shape
+        sizes = []
+        for x in a.parts:
+            for y in b.parts:
+                for part in (x, y):
+                    if part.kind not in ("outer", "dense") or part.local:
+                        raise CalculusError("dot() of an identity-like, basis or rotated quantity cannot be bounded")
+                e = self.part_metric(x, shape, "fro") + self.part_metric(y, shape, "fro")
+                coherent = {x.kind, y.kind} == {"outer"} or (x.nonneg and y.nonneg)
+                sizes.append((e if coherent else e - self.halves(shape)[0], x.hypers | y.hypers, x.log + y.log))
+        if not sizes:
+            return Value((), ())
+        e = self.signs.max(*(s[0] for s in sizes))
+        top = [s for s in sizes if s[0] == e] or sizes
+        return scalar(e, False, frozenset().union(*(s[1] for s in sizes)), max(s[2] for s in top))
+
     def axis_mean(self, a: Value, axis: int) -> Value:
         """row_mean (axis 1, over fan_in) or col_mean (axis 0, over fan_out) of a nonnegative matrix."""
         if not a.nonneg:

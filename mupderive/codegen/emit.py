@@ -63,8 +63,10 @@ TENSOR_CALLS = {
     "eigbasis": "torch.flip(torch.linalg.eigh({0})[1], dims=[1])",
     "left_singular": "_singular_basis({0}, {1}, True)",
     "right_singular": "_singular_basis({0}, {1}, False)",
+    "sum": "{0}.sum()",
+    "dot": "torch.dot({0}.flatten(), {1}.flatten())",
 }
-_REDUCTIONS = ("fro_norm", "rms", "spectral_norm", "mean", "row_mean", "col_mean")
+_REDUCTIONS = ("fro_norm", "rms", "spectral_norm", "mean", "row_mean", "col_mean", "sum")
 # Primitives on Python numbers.
 SCALAR_CALLS = {
     "sqrt": "math.sqrt({0})",
@@ -95,6 +97,23 @@ def _trust_ratios(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Te
     """The k leading left (U[:, :k]) or right (V[:, :k]) singular vectors of x as columns."""
     u, _, vh = torch.linalg.svd(x, full_matrices=False)
     return u[:, :int(k)] if left else vh[:int(k)].T''',
+    "total": '''def _step_together(runs: list[Generator[torch.Tensor, torch.Tensor, None]]) -> None:
+    """Run the parameters' steps side by side: at each total() every step yields its own term and is sent the sum
+    over all parameters (a statistic shared by all of them); a step that returns early drops out."""
+    terms = {}
+    for run in runs:
+        with contextlib.suppress(StopIteration):
+            terms[run] = next(run)
+    while terms:
+        total = sum(terms.values())
+        done = []
+        for run in terms:
+            try:
+                terms[run] = run.send(total)
+            except StopIteration:
+                done.append(run)
+        for run in done:
+            del terms[run]''',
     "matpow": '''def _matpow(a: torch.Tensor, p: float, damping: float) -> torch.Tensor:
     """(a + damping I)^p of a symmetric PSD matrix, from its eigendecomposition."""
     evals, evecs = torch.linalg.eigh(a + damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
@@ -451,8 +470,13 @@ class Emitter:
             return self.ema(*args)
         if fn in _REDUCTIONS:
             v = self.need_tensor(args[0], fn)
-            linear = fn in ("mean", "row_mean", "col_mean") or v.scale is None
+            linear = fn in ("mean", "row_mean", "col_mean", "sum") or v.scale is None
             return self.call_tensor(fn, [replace(v, scale=None)], v.scale if linear else f"abs({v.scale})")
+        if fn == "dot":
+            a, b = (self.need_tensor(x, fn) for x in args)
+            return self.call_tensor(fn, [replace(a, scale=None), replace(b, scale=None)], times(a.scale, b.scale))
+        if fn == "total":
+            return self.total(e, self.need_tensor(args[0], fn))
         if fn == "outer":
             a, b = (self.need_tensor(x, fn) for x in args)
             return self.call_tensor(fn, [replace(a, scale=None), replace(b, scale=None)], times(a.scale, b.scale))
@@ -468,6 +492,18 @@ class Emitter:
                 raise MupError(f"rule {self.rule.name!r}: {fn}() needs a number for the rank")
             return self.call_tensor(fn, [self.need_tensor(args[0], fn), args[1]])
         raise MupError(f"rule {self.rule.name!r}: {fn}() is not supported on these arguments")
+
+    def total(self, e: Call, v: Val) -> Val:
+        """``total(x)``: the step yields this parameter's ``x`` and is sent back the sum over all parameters (the
+        optimizer runs every parameter's step side by side, see ``_step_together``)."""
+        if self.foreach:
+            raise MupError(f"rule {self.rule.name!r}: total() runs one tensor at a time (no foreach layout)")
+        self.helpers.add("total")
+        self.count += 1
+        name = f"_t{self.count}"
+        self.emit(f"{name} = yield {self.materialized(v).code}")
+        self.assigned.add(name)
+        return Val("t", name, bufs=frozenset({name}), shape="0")  # shared by all parameters: never updated in place
 
     def extremum(self, fn: str, a: Val, b: Val) -> Val:
         """Elementwise ``max``/``min``: ``clamp_min``/``clamp_max`` against a number."""
@@ -729,7 +765,7 @@ class Emitter:
 
 def _result_shape(fn: str, shapes: list[str]) -> str | None:
     """The shape token of a tensor primitive's result."""
-    if fn in ("fro_norm", "rms", "spectral_norm", "mean"):
+    if fn in ("fro_norm", "rms", "spectral_norm", "mean", "sum", "dot"):
         return "0"
     if fn in ("zeros", "clone", "orthogonalize", "matpow", "eye"):
         return shapes[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mupderive.codegen.emit import Emitter, Val
+from mupderive.codegen.emit import Emitter, Val, times
 from mupderive.errors import MupError
 from mupderive.language.ir import Expr, Name, names, walk
 from mupderive.language.printer import show_expr
@@ -31,7 +31,7 @@ def compile_body(rule: Rule, body: Body, prefix: str) -> tuple[list[Function], s
                        f"computes; mupderive cannot generate this optimizer from the rule")
     init, helpers, shapes = _init_function(rule, body, prefix)
     functions = [init]
-    for layout in LAYOUTS:
+    for layout in ("tensor",) if body.totals else LAYOUTS:  # total(): steps side by side, one tensor each
         step, used = _step_function(rule, body, layout, prefix, shapes)
         functions.append(step)
         helpers |= used
@@ -73,10 +73,15 @@ def _init_function(rule: Rule, body: Body, prefix: str) -> tuple[Function, set[s
     values, shapes = [], {}
     for name, init in body.state:
         em.comment(f"{name} = {show_expr(init)}")
-        v = em.owned(em.need_tensor(em.expr(init), f"the initial value of state {name!r}"))
+        v = em.expr(init)
+        if v.kind == "py":  # a scalar state (a statistic shared by all parameters, say): a 0-d tensor
+            v = em.new(f"torch.tensor({v.code}, dtype=param.dtype, device=param.device)", "0")
+        v = em.owned(em.need_tensor(v, f"the initial value of state {name!r}"))
         em.rename(v.code, name)
         values.append(f'"{name}": {name}')
         shapes[name] = v.shape
+    if "dW" in body.reads:  # dW = W - W0
+        values.append('"_W0": param.clone()')
     em.emit("return {" + ", ".join(values) + "}")
     return Function(f"{prefix}_init", "param: torch.Tensor, grad: torch.Tensor, group: dict",
                     "Initial state of a parameter at its first step.", tuple(em.lines)), em.helpers, shapes
@@ -89,7 +94,10 @@ def _step_function(rule: Rule, body: Body, layout: str, prefix: str, shapes: dic
     used = set().union(*(names(e) for e in exprs)) | {rule.lr.name}
     _setup(em, used, step=True)
     lr = em.env[rule.lr.name]
-    decay = None if body.decay is None else em.expr(body.decay)
+    # a decay that reads the step's locals or states (Prodigy's d) is compiled after them, as a 0-d tensor
+    late = body.decay is not None and not body.decay_first and bool(
+        names(body.decay) & ({a.target for a in body.compute} | set(body.state_names)))
+    decay = None if body.decay is None or late else em.expr(body.decay)
     if decay is not None and decay.kind != "py":
         raise MupError(f"rule {rule.name!r}: the decay must be a number (hyperparameters and t only)")
     if body.transpose_wide:  # the body's rows are the longer side: run a wider matrix on its transpose (views)
@@ -107,6 +115,10 @@ def _step_function(rule: Rule, body: Body, layout: str, prefix: str, shapes: dic
         em.emit(f'{name} = [state["{name}"] for state in states]' if em.foreach else f'{name} = state["{name}"]')
         em.assigned.add(name)
         em.env[name] = Val("t", name, bufs=frozenset({name}), shape=shapes[name])
+    if "dW" in used:
+        em.emit('dW = param - state["_W0"]')
+        em.assigned.add("dW")
+        em.env["dW"] = Val("t", "dW", bufs=frozenset({"dW"}), shape="W")
     statements = [(a.target, a.value) for a in body.compute]
     local = {target for target, _ in statements} - set(body.state_names)
     for i, (target, value) in enumerate(statements):
@@ -118,6 +130,11 @@ def _step_function(rule: Rule, body: Body, layout: str, prefix: str, shapes: dic
         else:
             em.assign_local(target, value)
     em.dying = _last_reads(body.direction, local)
+    if late:
+        decay = em.expr(body.decay)
+        if decay.kind != "t" or decay.shape != "0":
+            raise MupError(f"rule {rule.name!r}: the decay must be a scalar")
+        decay = Val("py", em.temp(times(decay.scale, decay.code) or decay.code, "_decay"))  # a new 0-d tensor
     after = decay is not None and body.decay_form != "decoupled"
     decayed = " (1 - lr decay)" if decay is not None and not body.decay_first and not after else ""
     em.comment(f"W <- W{decayed} - lr ({show_expr(body.direction)})")

@@ -103,11 +103,19 @@ def _imports(parts: list[Part]) -> list[str]:
     if len(parts) > 1:
         stdlib.append("from collections import ChainMap")
     abc = ["Callable", "Iterable", "Mapping", "Sequence"]
+    if any(p.backend == "ir" and _totals(p.rule) for p in parts):  # steps run side by side (_step_together)
+        stdlib.insert(0, "import contextlib")
+        abc.append("Generator")
     stdlib += [f"from collections.abc import {', '.join(sorted(abc))}", "from fractions import Fraction",
                "from typing import Any"]
     modules = {safe.class_path(p.rule.implementation.cls)[0] for p in parts if p.backend == "library"}
     third = sorted({f"import {m}" for m in modules if m not in ("torch", "torch.optim")} | {"import torch"})
     return [*stdlib, "", *third, "from torch import nn"]
+
+
+def _totals(rule) -> bool:
+    """Whether the rule reads a statistic over all parameters (total())."""
+    return any(body.totals for body in (rule.matrix, rule.vector) if body is not None)
 
 
 def _fixes_literal(derivation: Derivation) -> str:

@@ -159,13 +159,22 @@ def compiled_class(env, part: Part, defaults: dict[str, dict[str, object]]) -> t
         "",
         *[line for text in program for line in safe.wrap(text, 108, "        " + " " * _lead(text))],
     ]
-    functions = [{"signature": _def(f"def {f.name}({f.args}) -> {'dict' if f.name.endswith('_init') else 'None'}:"),
-                  "doc": f.doc, "body": f.body} for f in functions]
+    functions = [{"signature": _def(f"def {f.name}({f.args}) -> {_returns(f)}:"), "doc": f.doc, "body": f.body}
+                 for f in functions]
     source = env.get_template("ir_optimizer.py.j2").render(
         functions=functions, class_name=part.class_name, rule=rule.name, doc=doc,
         signature=signature, defaults=fit(f"        defaults = {{{entries}}}"),
-        prefix=f"_{rule.name}", vector=rule.vector is not None)
+        prefix=f"_{rule.name}", vector=rule.vector is not None,
+        totals=any(body.totals for body in (rule.matrix, rule.vector) if body is not None))
     return source.rstrip("\n"), helpers  # body lines are fitted as emitted; the module is fitted once more whole
+
+
+def _returns(f) -> str:
+    """A generated function's return annotation: the initial state, nothing, or (a step that reads total()) a
+    generator that yields its terms and is sent their sums."""
+    if f.name.endswith("_init"):
+        return "dict"
+    return "Generator[torch.Tensor, torch.Tensor, None]" if any(" = yield " in line for line in f.body) else "None"
 
 
 def _def(line: str) -> list[str]:

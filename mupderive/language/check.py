@@ -43,7 +43,7 @@ class Checker:
         self.kind = kind
         param = PARAM_SHAPES[kind]
         self.hypers = {h.name: h for h in hypers}
-        self.shapes: dict[str, Shape] = {"G": param, "W": param, "H": param, "t": SCALAR,
+        self.shapes: dict[str, Shape] = {"G": param, "W": param, "dW": param, "H": param, "t": SCALAR,
                                           "fan_in": SCALAR, "fan_out": SCALAR}
         for h in hypers:
             if not isinstance(h.default, bool | str):
@@ -218,6 +218,22 @@ class Checker:
         if fn in ("fro_norm", "spectral_norm", "rms", "mean"):
             if shapes[0] == SCALAR:
                 raise self.fail(node, f"{fn}() of a scalar", "a vector or matrix")
+            return SCALAR
+        if fn == "sum":
+            if shapes[0] == SCALAR:
+                raise self.fail(node, "sum() of a scalar", "a vector or matrix, e.g. sum(abs(s))")
+            return SCALAR
+        if fn == "dot":
+            if shapes[0] == SCALAR or shapes[0] != shapes[1]:
+                raise self.fail(node, f"dot() of {show(shapes[0])} and {show(shapes[1])}",
+                                "two vectors or matrices of one shape, e.g. dot(G, dW)")
+            return SCALAR
+        if fn == "total":
+            if shapes[0] != SCALAR:
+                raise self.fail(node, f"total() of a {show(shapes[0])} value",
+                                "a per-parameter scalar such as sum(abs(s)) or dot(G, dW)")
+            if any(isinstance(n, Call) and n.fn == "total" for n in walk(node.args[0])):
+                raise self.fail(node, "total() inside total()", "one global sum of a per-parameter scalar")
             return SCALAR
         if fn in ("row_mean", "col_mean"):
             if len(shapes[0]) != 2:

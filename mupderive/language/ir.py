@@ -158,6 +158,9 @@ FUNCTIONS: dict[str, tuple[int, int, str]] = {
     "right_singular": (2, 2, "right_singular(X, k): the k leading right singular vectors of X as columns "
                              "(columns x rank)"),
     "zeros": (1, 1, "zeros(X): zeros with the shape of X (state initial values only)"),
+    "sum": (1, 1, "sum of all entries of a nonnegative quantity (scalar)"),
+    "dot": (2, 2, "dot(a, b): sum of the entries of a * b, the Frobenius inner product (scalar)"),
+    "total": (1, 1, "total(x): the scalar x summed over all parameters of the optimizer (a global statistic)"),
 }
 
 # Inputs every rule may read. G: gradient; W: weight; H: Hutchinson Hessian-diagonal estimate z*(Hz);
@@ -165,6 +168,7 @@ FUNCTIONS: dict[str, tuple[int, int, str]] = {
 BUILTINS: dict[str, str] = {
     "G": "gradient of the loss with respect to W",
     "W": "the parameter before this step",
+    "dW": "W - W0: the parameter's change since the first step (W0: its value at the first step)",
     "H": "Hutchinson estimate z * (Hessian z) of the Hessian diagonal (z random signs)",
     "t": "step count, 1 at the first step",
     "fan_in": "input dimension of the layer (1 for vectors)",

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
-from mupderive.language.ir import Assign, BinOp, Expr, Name, names
+from mupderive.language.ir import Assign, BinOp, Call, Expr, Name, names, walk
 
 ROLES = ("input", "hidden", "output", "vector")
 HYPER_ROLES = ("lr", "scale", "width-free")
@@ -56,6 +56,13 @@ class Body:
         """Every name the body reads (initial values, compute, direction, decay)."""
         exprs = [e for _, e in self.state] + [a.value for a in self.compute] + [self.direction]
         return frozenset().union(*(names(e) for e in exprs + ([self.decay] if self.decay is not None else [])))
+
+    @cached_property
+    def totals(self) -> tuple[Call, ...]:
+        """The body's ``total(x)`` calls (statistics summed over all parameters), in source order."""
+        exprs = [e for _, e in self.state] + [a.value for a in self.compute] + [self.direction]
+        exprs += [self.decay] if self.decay is not None else []
+        return tuple(n for e in exprs for n in walk(e) if isinstance(n, Call) and n.fn == "total")
 
     @cached_property
     def decay_sum(self) -> Expr | None:

@@ -5,7 +5,9 @@ before its assignment is its previous value) and the parameter moves by ``W <- W
 ``decay_first`` the decay comes first and the expressions see the decayed ``W``); with ``skip_first`` the first step
 only sets the state. Primitives are exact: ``matpow`` by ``eigh``, ``orthogonalize`` by SVD (the polar factor on the
 nonzero singular values), ``eigbasis`` by ``eigh`` (columns in descending eigenvalue order), singular bases by
-``svd``. ``decay_form`` ``after``/``proximal`` decays the updated weight; ``transpose_wide`` runs a matrix with
+``svd``. ``dW`` is ``W`` minus its value at the first step; ``total(x)``, a sum over all parameters, is ``x``
+itself: the interpreter runs one parameter, the optimizer's only one. ``decay_form`` ``after``/``proximal`` decays
+the updated weight; ``transpose_wide`` runs a matrix with
 fan_out < fan_in on its transpose. Every sum or comparison records its operands under :func:`term_key`, the key the
 scaling calculus' :class:`~mupderive.calculus.evaluate.Comparison` of the same node has, so compared terms can be
 measured.
@@ -52,6 +54,7 @@ class Interpreter:
         self.scalars = {k: float(v) for k, v in values.items()
                         if isinstance(v, int | float) and not isinstance(v, bool)}
         self.states: dict[str, torch.Tensor] | None = None
+        self.W0: torch.Tensor | None = None  # the parameter at the first step (dW = W - W0)
         self.t = 0
         self.terms: dict[TermKey, tuple[torch.Tensor, ...]] = {}
         self._keys: dict[tuple[str, int], TermKey] = {}
@@ -76,6 +79,9 @@ class Interpreter:
                 "fan_out": self._const(fan_out, G)}
         if H is not None:
             env["H"] = H
+        if self.W0 is None:
+            self.W0 = W.clone()
+        env["dW"] = W - self.W0
         if self.states is None:
             self.states = {name: self.eval(init, env) for name, init in self.body.state}
             if self.body.skip_first:
@@ -240,4 +246,9 @@ PRIMITIVES = {
     "eigbasis": eigbasis,
     "eye": lambda a: torch.eye(a.shape[0], dtype=a.dtype, device=a.device),
     "zeros": torch.zeros_like,
+    "sum": torch.sum,
+    "dot": lambda a, b: (a * b).sum(),
+    # one parameter: the sum over all parameters is its own term (the oracle steps the real class on that
+    # parameter alone, and derives with totals="alone" to match)
+    "total": lambda x: x,
 }

@@ -603,19 +603,30 @@ def _balance(plan: RolePlan, layer: Layer, name: str, c: Comparison, own: int, o
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------
+def uses_totals(rule: Rule) -> bool:
+    """Whether a body of ``rule`` reads a statistic summed over all parameters (``total()``)."""
+    return any(body.totals for body in (rule.matrix, rule.vector) if body is not None)
+
+
 def run_oracle(rule: Rule | str | Path, derivation: Derivation | None = None,
                widths: tuple[int, ...] = DEFAULT_WIDTHS, steps: int = 3, seeds: int = SEEDS, seed: int = 0,
                tolerance: float = 0.1, device: str = "cpu", roles: tuple[str, ...] = ROLES,
                progress: bool = False) -> Report:
-    """Measure ``rule``'s implementation against ``derivation`` (default: ``derive(rule)``)."""
+    """Measure ``rule``'s implementation against ``derivation`` (default: ``derive(rule)``, with
+    ``totals="alone"`` where the rule reads a total(): the real class steps one parameter)."""
     rule = rule if isinstance(rule, Rule) else load_rule(rule)
-    derivation = derivation or derive(rule)
+    # a global statistic (total()) over the one parameter the oracle steps is that parameter's own term
+    derivation = derivation or derive(rule, totals="alone" if uses_totals(rule) else "model")
     widths = tuple(sorted(set(widths)))
     if len(widths) < 2 or widths[0] < 2:
         raise MupError(f"--widths {','.join(map(str, widths))}: need at least two distinct widths >= 2")
     if steps < 2:
         raise MupError(f"--steps {steps}: need at least 2 (rules may skip the first step)")
     plans = [plan_role(rule, derivation.layers[role], widths[0]) for role in roles]
+    if uses_totals(rule):
+        for plan in plans:
+            plan.notes.insert(0, "total(): the real class runs this one parameter, so every sum over parameters is "
+                                 "its own term (derived with totals='alone'; the law across layers is the model's)")
     for plan in plans:
         calibrate(plan, steps, seed, device, widths[-1])
     total = sum(len(p.scenarios) for p in plans) * seeds * len(widths)
