@@ -16,17 +16,21 @@ from mupderive.errors import MupError
 
 EPILOG = """\
 RULE is a built-in name (see `mupderive list`) or a path to a rule file (.toml); see the README's rule-file
-reference. Exponents are powers of the width n: -1/2 means "scales as 1/sqrt(n)".
+reference. Exponents are powers of the width n: -1/2 means "scales as 1/sqrt(n)"; with --depth, also of the depth
+ratio L/L_base (residual blocks).
 
 examples:
   mupderive list
   mupderive derive adamw                       # per-layer exponents (TP-V Table 3 convention)
   mupderive derive adamw --convention mup-package --format json
   mupderive explain lamb --layer hidden        # the derivation step by step
+  mupderive derive adamw --depth               # width and depth exponents (CompleteP: alpha = 1)
+  mupderive derive sgd --branch-matrices 1     # Depth-muP (alpha = 1/2) for one-matrix branches
   mupderive compare adam table8.json           # is a published table the same parameterization?
   mupderive analyze adam --parameterization sp --alignment none   # largest stable lrs in SP (Everett et al.)
   mupderive generate muon -o mup_muon.py       # a self-contained PyTorch module
   mupderive oracle sophia                      # measure the real optimizer at several widths
+  mupderive oracle adamw --depths 2,4,8,16,32  # ... on residual stacks at several depths
   mupderive coord-check adam --model gpt       # coordinate check on a real model
   mupderive coord-check adam --model gpt --parameterization sp --alignment full   # SP with per-layer lrs
   mupderive coord-check adamw --model gpt --depths 2,4,8,16 --widths 64   # ... across depth
