@@ -273,7 +273,7 @@ def derive_tied(embedding: LayerDerivation, readout_rule: Rule | None, options: 
     o, i = (Exp(f) for f in FANS["output"])
     r = init_bound(o, i, ZERO, Signs()) - embedding.init_std
     readout = _derive_layer(readout_rule, "output", Fraction(0), {"multiplier": r}, rule_flags(readout_rule, options),
-                            (o, i))
+                            (o, i), diagnose=False)
     conflicts = []
     if readout.rule != embedding.rule:
         conflicts.append(f"the embedding uses rule {embedding.rule} and the readout {readout.rule}")
@@ -295,7 +295,9 @@ def rule_flags(rule: Rule, options: dict[str, bool] | None = None) -> dict[str, 
 
 
 def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], flags: dict[str, bool],
-                  fans: tuple[Exp, Exp], totals: str = "model") -> LayerDerivation:
+                  fans: tuple[Exp, Exp], totals: str = "model", diagnose: bool = True) -> LayerDerivation:
+    """One role's knobs and hyperparameters; ``diagnose``: also its ``if_fixed`` regimes and literal notes (the tied
+    readout's re-derivation only compares exponents)."""
     signs = Signs()
     probe = make_layer(role, ZERO, fans=fans, totals=totals)
     bound0 = init_bound(probe.o, probe.i, ZERO, signs)
@@ -325,8 +327,8 @@ def _derive_layer(rule: Rule, role: str, m0: Fraction, knobs: dict[str, Exp], fl
         balanced = balance_layer(rule, make_layer(role, m, fans=fans, totals=totals), flags)
         shifted = balance_layer(rule, make_layer(role, m + 1, fans=fans, totals=totals), flags)
     used = [h for h in rule.scale_hypers if h.name in balanced.hyper]  # the others: not read by this role's rule
-    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in used}
-    notes = list(balanced.notes) + literal_notes(rule, balanced, shifted, flags)
+    regimes = {h.name: if_fixed(rule, balanced, shifted, h.name, flags) for h in used} if diagnose else {}
+    notes = list(balanced.notes) + (literal_notes(rule, balanced, shifted, flags) if diagnose else [])
     notes += [f"{h.name} defaults to 0: its exponent applies once you set it" for h in used if h.default == 0]
     layer = balanced.layer
     return LayerDerivation(role, rule.name, layer.o, layer.i, layer.m, layer.init, balanced.lr, balanced.hyper,

@@ -114,6 +114,8 @@ def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, E
     """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations). Where
     the rule reads lr, its exponent is ``lr`` if given, else first a symbol, solved from the spectral condition, then
     substituted."""
+    if lr is not None and rule.lr.name not in rule.body(layer.role if layer.vector else "matrix").reads:
+        lr = None  # the step does not depend on it: one memo entry
     outcome = _evaluate(rule, layer, flags, pins, balance, signs, lr)
     spec = Frame({"o": layer.o, "i": layer.i}, signs or Signs()).metric(outcome.direction, "spec")
     if spec is None or LR_SYMBOL not in spec.symbols:
@@ -168,7 +170,7 @@ def global_statistics(rule: Rule, layer: Layer, flags: dict[str, bool], signs: S
     if key in _STATS:
         return _STATS[key]
     own = _contributions(rule, layer, flags, signs)
-    others = {role: _contributions(rule, make_layer(role, ZERO), flags, Signs())
+    others = {role: _standard_contributions(rule, role, tuple(sorted(flags.items())))
               for role in ROLES if role in rule.applies_to and role != layer.role}
     out = {}
     for text, mine in own.items():
@@ -197,6 +199,15 @@ def global_statistics(rule: Rule, layer: Layer, flags: dict[str, bool], signs: S
 
 
 _STATS: dict[tuple, dict[str, tuple[Exp, str]]] = {}
+_STANDARD: dict[tuple, dict[str, Exp]] = {}
+
+
+def _standard_contributions(rule: Rule, role: str, flags: tuple[tuple[str, bool], ...]) -> dict[str, Exp]:
+    """:func:`_contributions` of a standard layer of ``role`` (memoized: every layer's totals compare with them)."""
+    key = (rule.digest, role, flags)
+    if key not in _STANDARD:
+        _STANDARD[key] = _contributions(rule, make_layer(role, ZERO), dict(flags), Signs())
+    return _STANDARD[key]
 
 
 def gradient_inputs(body: Body) -> set[str]:
