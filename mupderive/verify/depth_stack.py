@@ -282,11 +282,11 @@ def calibrate(rule: Rule, derived: StackScenario, depth_base: int, k: int, seed:
         if name in ceilings:  # a clip or clamp: without it the update can be unbounded (Sophia's m / eps)
             notes.append(f"{name}: a clip threshold, kept at its default {base[name]:g} at L = {depth_base}")
             continue
-        far = _first_update(rule, base | {name: 2.0 ** (-60 if e < 0 else 60)}, depth_base, k, derived.alpha, seed)
+        far = _first_update(rule, base | {name: 2.0 ** (-60 if e < 0 else 60)}, depth_base, k, seed)
         best, gap = base[name], math.inf
         for power in range(-40, 41, 2):
             value = 2.0 ** power
-            update = _first_update(rule, base | {name: value}, depth_base, k, derived.alpha, seed)
+            update = _first_update(rule, base | {name: value}, depth_base, k, seed)
             influence = _rms(update - far) / max(_rms(far), 1e-30)
             if abs(math.log(max(influence, 1e-30) / INFLUENCE)) < gap:
                 best, gap = value, abs(math.log(max(influence, 1e-30) / INFLUENCE))
@@ -296,8 +296,7 @@ def calibrate(rule: Rule, derived: StackScenario, depth_base: int, k: int, seed:
     return base, notes
 
 
-def _first_update(rule: Rule, values: dict[str, Value], depth: int, k: int, alpha: Fraction, seed: int
-                  ) -> torch.Tensor:
+def _first_update(rule: Rule, values: dict[str, Value], depth: int, k: int, seed: int) -> torch.Tensor:
     """The update of the first measured step (the second: some optimizers, ADOPT, only fill their state at the
     first)."""
     run = Run(rule, depth, k, 1.0, values, seed)
