@@ -5,13 +5,14 @@ Pipeline: rule file (``rules/*.toml``) -> IR (:mod:`mupderive.language`) -> scal
 generated PyTorch module (:mod:`mupderive.codegen`) -> verification by measurement (:mod:`mupderive.verify`).
 """
 
+from mupderive.depth import Depth
 from mupderive.derivation import Derivation, derive
 from mupderive.errors import CalculusError, MupError, RuleError
 from mupderive.language.load import load_rule, parse_rule
 from mupderive.resources import builtin_rule_names
 
-__all__ = ["CalculusError", "Derivation", "MupError", "RuleError", "builtin_rule_names", "derive", "generate",
-           "load_rule", "parse_rule"]
+__all__ = ["CalculusError", "Depth", "Derivation", "MupError", "RuleError", "builtin_rule_names", "derive",
+           "generate", "load_rule", "parse_rule"]
 __version__ = "0.1.0"
 
 
