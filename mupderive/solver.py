@@ -114,8 +114,8 @@ def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, E
     """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations). Where
     the rule reads lr, its exponent is ``lr`` if given, else first a symbol, solved from the spectral condition, then
     substituted."""
-    if lr is not None and rule.lr.name not in rule.body(layer.role if layer.vector else "matrix").reads:
-        lr = None  # the step does not depend on it: one memo entry
+    if lr is not None and not {rule.lr.name, "dW"} & rule.body(layer.role if layer.vector else "matrix").reads:
+        lr = None  # the step does not depend on it (neither reads lr nor the steps taken, dW): one memo entry
     outcome = _evaluate(rule, layer, flags, pins, balance, signs, lr)
     spec = Frame({"o": layer.o, "i": layer.i}, signs or Signs()).metric(outcome.direction, "spec")
     if spec is None or LR_SYMBOL not in spec.symbols:
