@@ -85,9 +85,8 @@ def text_table(d: Derivation) -> str:
         rows.append([role + _rule_for(d, role), *(_fmt(_cell(d, role, c)) for c in columns)])
     if (tied := _tied_cells(d, columns)) is not None:
         rows.append(["tied", *map(_fmt, tied)])
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     lines = [_header(d), "width exponents E (each quantity scales as n^E; '-' = not used by that layer's rule):"]
-    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines += _grid(rows)
     lines += _shared_lines(d)
     if d.depth is not None:
         lines += _depth_lines(d)
@@ -95,8 +94,7 @@ def text_table(d: Derivation) -> str:
         rows = [["role", "scope", *columns]]
         for role, x in d.depth.layers.items():
             rows.append([role, x.scope, *(_fmt(_depth_cell(d, role, c)) for c in columns)])
-        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+        lines += _grid(rows)
     if d.formulas:
         lines.append("general formulas (multiplier 1, where the rule applies):")
         lines += [f"  {q} ~ {f}" for q, f in d.formulas.items()]
@@ -153,6 +151,12 @@ def latex_table(d: Derivation, display: bool = False) -> str:
     return f"$$\\text{{{d.rule.name}, {d.convention}}}\\qquad {table}$$"
 
 
+def _grid(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as indented lines, each column padded to its widest cell."""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+
+
 def _fmt(value: sympy.Rational | None, math: bool = False, depth: sympy.Rational | None = None) -> str:
     if value is None:
         return "-"
@@ -199,7 +203,5 @@ def analysis_table(a: Analysis, fmt: str = "table") -> str:
                  " & ".join(f"\\textrm{{{h.replace('_', chr(92) + '_')}}}" for h in head) + " \\\\", "\\hline",
                  *body, "\\end{tabular}"]
     else:
-        widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
-        lines = [title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                           for r in [head, *rows]]
+        lines = [title] + [line.rstrip() for line in _grid([head, *rows])]
     return "\n".join(lines + [f"note: {n}" for n in a.notes])

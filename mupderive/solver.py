@@ -27,6 +27,7 @@ from mupderive.calculus.evaluate import (
     Outcome,
     Term,
     hyper_symbol,
+    reads_lr,
 )
 from mupderive.calculus.exponent import HALF, ZERO, Exp, Signs, Undecidable
 from mupderive.calculus.value import Frame
@@ -114,8 +115,8 @@ def evaluate(rule: Rule, layer: Layer, flags: dict[str, bool], pins: dict[str, E
     """Scales of one layer's step (memoized for numeric layers: fallbacks and conventions share evaluations). Where
     the rule reads lr, its exponent is ``lr`` if given, else first a symbol, solved from the spectral condition, then
     substituted."""
-    if lr is not None and not {rule.lr.name, "dW"} & rule.body(layer.role if layer.vector else "matrix").reads:
-        lr = None  # the step does not depend on it (neither reads lr nor the steps taken, dW): one memo entry
+    if lr is not None and not reads_lr(rule.body(layer.role if layer.vector else "matrix"), rule.lr.name):
+        lr = None  # the step does not depend on it: one memo entry
     outcome = _evaluate(rule, layer, flags, pins, balance, signs, lr)
     spec = Frame({"o": layer.o, "i": layer.i}, signs or Signs()).metric(outcome.direction, "spec")
     if spec is None or LR_SYMBOL not in spec.symbols:

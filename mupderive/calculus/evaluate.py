@@ -33,6 +33,11 @@ MAX_STEPS = 8  # steps simulated before states must have reached their steady sc
 LR_SYMBOL = "lr:"  # the learning-rate exponent, where a rule reads lr (solved for by the solver)
 
 
+def reads_lr(body: Body, lr_name: str) -> bool:
+    """Whether a step of ``body`` depends on the learning rate: it reads ``lr``, or ``dW`` (the steps taken at it)."""
+    return bool({lr_name, "dW"} & body.reads)
+
+
 def hyper_symbol(name: str) -> str:
     return f"hyper:{name}"
 

@@ -65,6 +65,12 @@ class Exp:
     def is_const(self) -> bool:
         return not self.coef
 
+    def fraction(self) -> Fraction:
+        """A constant exponent as a :class:`fractions.Fraction`."""
+        if self.coef:
+            raise Undecidable(self)
+        return Fraction(self.const.numerator, self.const.denominator)
+
     def __add__(self, other: Exp | Rational) -> Exp:
         if not isinstance(other, Exp):
             return Exp._raw(self.const + q(other), self.coef)

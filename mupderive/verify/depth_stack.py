@@ -38,7 +38,7 @@ from mupderive.language.rule import Rule, Value
 from mupderive.solver import CEILINGS, evaluate, update_norm
 from mupderive.verify.bf16 import float32_gemm
 from mupderive.verify.fit import Fit, fit_slope
-from mupderive.verify.oracle import construct
+from mupderive.verify.oracle import construct, geomean
 
 DEFAULT_DEPTHS = (2, 4, 8, 16, 32)
 WIDTH, BATCH, OUTPUTS = 64, 16, 8
@@ -234,7 +234,7 @@ def scenarios(rule: Rule, derivation: Derivation) -> list[StackScenario]:
     """Derived (the depth derivation's alpha and exponents), width-only (alpha = 0, no depth factor), and the other
     published alpha (1/2 or 1) with the exponents derived for it, which shows what that alpha breaks."""
     depth, layer = derivation.depth, derivation.depth.layers["hidden"]
-    derived = {rule.lr.name: _q(layer.lr)} | {name: _q(e) for name, e in layer.hyper.items()}
+    derived = {rule.lr.name: layer.lr.fraction()} | {name: e.fraction() for name, e in layer.hyper.items()}
     flags = rule_flags(rule)
     out = [StackScenario("derived", depth.alpha, derived, _predict(rule, depth.alpha, derived, flags,
                                                                   depth.branch_matrices))]
@@ -243,7 +243,7 @@ def scenarios(rule: Rule, derivation: Derivation) -> list[StackScenario]:
                                                                        depth.branch_matrices)))
     for alpha in sorted({branch_alpha(k) for k in (1, depth.branch_matrices)} - {depth.alpha}):
         other = derive(rule, depth=Depth(depth.branch_matrices, alpha)).depth.layers["hidden"]
-        imposed = {rule.lr.name: _q(other.lr)} | {name: _q(e) for name, e in other.hyper.items()}
+        imposed = {rule.lr.name: other.lr.fraction()} | {name: e.fraction() for name, e in other.hyper.items()}
         out.append(StackScenario(f"alpha={alpha}", alpha, imposed, _predict(rule, alpha, imposed, flags,
                                                                             depth.branch_matrices)))
     return out
@@ -255,17 +255,11 @@ def _predict(rule: Rule, alpha: Fraction, exponents: dict[str, Fraction], flags:
     layer = depth_layer("hidden", alpha, False)
     pins = {name: Exp(e) for name, e in exponents.items() if name != rule.lr.name}
     outcome = evaluate(rule, layer, flags, pins, False)
-    move = exponents[rule.lr.name] + _q(update_norm(outcome, layer, Signs()))  # |dW| relative to W
+    move = exponents[rule.lr.name] + update_norm(outcome, layer, Signs()).fraction()  # |dW| relative to W
     out = {"branch change": -alpha + move, "stream change": 1 - alpha + move}
     if k >= 2:
         out["joint change"] = -alpha + 2 * move
     return out
-
-
-def _q(e: Exp) -> Fraction:
-    if not e.is_const():
-        raise MupError(f"depth exponent {e} is not a number")
-    return Fraction(e.const.numerator, e.const.denominator)
 
 
 # -- base values ----------------------------------------------------------------------------------------------------
@@ -331,7 +325,7 @@ def run_depth_oracle(rule: Rule | str, depths: tuple[int, ...] = DEFAULT_DEPTHS,
             for depth in depths:
                 for name, values in trajectory(applied, depth, branch_matrices, scenario, base, depths[0], steps,
                                                seed).items():
-                    samples.setdefault(name, {})[(seed, depth)] = _geomean(values)
+                    samples.setdefault(name, {})[(seed, depth)] = geomean(values)
                 bar.update()
         checks = []
         for quantity, predicted in scenario.predicted.items():
@@ -339,16 +333,11 @@ def run_depth_oracle(rule: Rule | str, depths: tuple[int, ...] = DEFAULT_DEPTHS,
             keys = [key for key, v in store.items() if v > 0 and math.isfinite(v)]
             fit = fit_slope([d for _, d in keys], [store[key] for key in keys], [s for s, _ in keys]) \
                 if len({d for _, d in keys}) >= 2 else Fit(math.nan, math.inf)
-            means = tuple(_geomean([store[(s, d)] for s in range(seeds)]) for d in depths)
+            means = tuple(geomean([store[(s, d)] for s in range(seeds)]) for d in depths)
             checks.append(StackCheck(quantity, predicted, fit, tolerance, means))
         results.append(StackResult(scenario, checks))
     bar.close()
     return StackReport(top, derivation, tuple(depths), steps, seeds, tolerance, base, results, notes)
-
-
-def _geomean(values: list[float]) -> float:
-    good = [v for v in values if v > 0 and math.isfinite(v)]
-    return math.exp(sum(map(math.log, good)) / len(good)) if good else math.nan
 
 
 def render_table(report: StackReport) -> str:

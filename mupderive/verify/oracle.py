@@ -302,10 +302,10 @@ def quantities(rule: Rule, role: str, frame: Frame, lr: Exp, outcome: Outcome,
     for metric in METRICS:
         e = frame.metric(outcome.total, metric)
         if e is not None:
-            out.append(Quantity(LABELS[metric], metric, _q(lr + e), "update",
+            out.append(Quantity(LABELS[metric], metric, (lr + e).fraction(), "update",
                                 log=frame.metric_log(outcome.total, metric)))
     if rule.body(role).decay is not None:
-        out.append(Quantity("|lr U|_*", "spec", _q(lr + frame.metric(outcome.direction, "spec")), "direction",
+        out.append(Quantity("|lr U|_*", "spec", (lr + frame.metric(outcome.direction, "spec")).fraction(), "direction",
                             log=frame.metric_log(outcome.direction, "spec")))
     constant = {h.name for h in rule.hypers if h.role == "width-free"} | {"t"}
     seen = set()
@@ -320,12 +320,8 @@ def quantities(rule: Rule, role: str, frame: Frame, lr: Exp, outcome: Outcome,
         seen.add(key)
         for index, term in enumerate(c.terms):
             if term.e is not None:
-                out.append(Quantity(f"{term.text} in {c.text}", c.metric, _q(term.e), "term", key, index))
+                out.append(Quantity(f"{term.text} in {c.text}", c.metric, term.e.fraction(), "term", key, index))
     return tuple(out)
-
-
-def _q(e: Exp) -> Fraction:
-    return Fraction(e.const.numerator, e.const.denominator)
 
 
 # -- the real implementation -----------------------------------------------------------------------------------
@@ -419,12 +415,12 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
                                             plan.synthetic(n, steps, seed, device))
             errors += errs
             for store, values in zip(samples, per_quantity, strict=True):
-                mean = _geomean(values)
+                mean = geomean(values)
                 store[(seed, n)] = None if math.isnan(mean) else mean
             bar.update()
     checks = []
     for q, store in zip(scenario.quantities, samples, strict=True):
-        means = tuple(_geomean([store[(s, n)] for s in seeds]) for n in widths)
+        means = tuple(geomean([store[(s, n)] for s in seeds]) for n in widths)
         allowance = float(q.log) / math.log(widths[0])
         if any(v is None for v in store.values()):
             checks.append(Check(q, None, tolerance, means, allowance))
@@ -444,7 +440,7 @@ def run_scenario(plan: RolePlan, scenario: Scenario, widths: tuple[int, ...], st
     return ScenarioResult(scenario, tuple(checks), match, value, origin)
 
 
-def _geomean(values: list[float | None]) -> float:
+def geomean(values: list[float | None]) -> float:
     """Geometric mean of the positive finite values (NaN when there are none)."""
     good = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     return math.exp(sum(map(math.log, good)) / len(good)) if good else math.nan
