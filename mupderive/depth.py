@@ -122,6 +122,11 @@ class DepthLayer:
     def grad_norm(self) -> Exp:
         return self.balanced.layer.grad_norm
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the depth pass assumed or decided for this role (e.g. a total() taken as the layer's own term)."""
+        return tuple(self.balanced.notes)
+
     def exponents(self) -> dict[str, sympy.Rational]:
         """Exact exponents of the three knobs and every hyperparameter (inside a branch)."""
         out = {"multiplier": self.multiplier, "init_std": self.init_std, "lr": self.lr} | self.hyper

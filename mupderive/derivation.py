@@ -206,6 +206,8 @@ def _depth_json(layer: DepthLayer) -> tuple[dict, dict]:
               if inside else {}}
     if not inside:
         detail["in_branch"] = knobs(layer.exponents())
+    elif layer.notes:
+        detail["notes"] = list(layer.notes)
     return knobs(layer.applied()), detail
 
 

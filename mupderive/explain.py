@@ -108,6 +108,7 @@ def _depth(d: Derivation, x: DepthLayer, markdown: bool) -> str:
     steps.append(f"Learning rate: lr + |U| = L^{b.layer.target} with |U| ~ L^{spec} gives lr ~ L^{x.lr}; the "
                  f"update is {behaviour(x.kappa)}.")
     steps += [f"If {name} is kept fixed in depth: {regime.text}." for name, regime in x.if_fixed.items()]
+    steps += [f"Note: {note}." for note in x.notes]
     return "\n".join([*out, *(f"{k}. {text}" for k, text in enumerate(steps, 1))])
 
 

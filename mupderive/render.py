@@ -95,6 +95,8 @@ def text_table(d: Derivation) -> str:
         for role, x in d.depth.layers.items():
             rows.append([role, x.scope, *(_fmt(_depth_cell(d, role, c)) for c in columns)])
         lines += _grid(rows)
+        notes = sorted({f"{role}: {n}" for role, x in d.depth.layers.items() if x.scope == "branch" for n in x.notes})
+        lines += ["depth notes:", *(f"  {n}" for n in notes)] if notes else []
     if d.formulas:
         lines.append("general formulas (multiplier 1, where the rule applies):")
         lines += [f"  {q} ~ {f}" for q, f in d.formulas.items()]

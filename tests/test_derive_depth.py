@@ -125,3 +125,11 @@ def test_cli_bad_depth_options(args):
 def test_bad_spec_is_a_mup_error():
     with pytest.raises(MupError):
         Depth(branch_matrices=0)
+
+
+def test_depth_pass_states_its_assumptions():
+    """A global statistic in depth is taken as the layer's own term: said in the JSON and the table, not silent."""
+    doc = derive("prodigy", depth=Depth()).to_json()
+    notes = doc["layers"]["hidden"]["depth_detail"]["notes"]
+    assert any("total(" in n and "not analysed" in n for n in notes)
+    assert "depth notes:" in _cli("derive", "prodigy", "--depth").stdout
